@@ -1,0 +1,120 @@
+"""Figures for a ratings table: what a strategy keeps, and what each rank band looks like.
+
+``plot_selection`` draws the score histogram (all rows vs the kept ones) and, over the rank
+axis, the share of each rank bin a strategy keeps, next to its expected inclusion
+probability and, for the Gaussian samplers, the sampling weight. ``plot_rank_bands`` is the
+paper's ranked-data figure: k images with captions from each rank band, best band on top.
+"""
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from alchemist.selection import (DEFAULT_MU, DEFAULT_SIGMA, default_shift, inclusion_probability,  # noqa: E402
+                                 select)
+
+_CURVE_N = 200_000  # rows on which the (large-N) expected inclusion curve is evaluated
+
+
+def plot_selection(ratings: pd.DataFrame, strategy: str, retention: float | int, out: str | os.PathLike,
+                   seed: int = 0, bins: int = 100, **params) -> Path:
+    """Score histogram and selection-by-rank panel of one strategy; returns the PNG path."""
+    n = len(ratings)
+    rows = select(ratings, strategy, retention, seed, **params)
+    k = len(rows)
+    ranks = ratings["rank"].to_numpy()[rows]
+    fig, (ax_s, ax_r) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+
+    score = ratings["score"].to_numpy(dtype=np.float64)
+    edges = np.histogram_bin_edges(score, bins=60)
+    ax_s.hist(score, edges, color="0.75", label=f"all {n:,}")
+    ax_s.hist(score[rows], edges, color="tab:blue", alpha=0.8, label=f"kept {k:,}")
+    ax_s.set(xlabel="score (higher = rated better)", ylabel="rows", title="score histogram")
+    ax_s.legend(frameon=False)
+
+    bins = min(bins, n)  # every bin holds at least one rank
+    kept = np.bincount(ranks * bins // n, minlength=bins)
+    size = np.bincount(np.arange(n) * bins // n, minlength=bins)
+    centres = (np.arange(bins) + 0.5) / bins
+    ax_r.bar(centres, kept / size, width=1 / bins, color="tab:blue", alpha=0.6, label=f"kept share (seed {seed})")
+    m = min(n, _CURVE_N)
+    frac = k / n
+    expected = inclusion_probability(m, strategy, max(1, round(frac * m)), **params)
+    ax_r.plot(np.arange(m) / m, expected, color="k", lw=1.2, label="expected (large N)")
+    if strategy in ("gsample", "shift_gsample"):
+        mu, sigma = params.get("mu", DEFAULT_MU), params.get("sigma", DEFAULT_SIGMA)
+        pos = np.linspace(0, 1, 501)
+        ax_r.plot(pos, np.exp(-((pos - mu) ** 2) / (2 * sigma**2)), "--", color="tab:orange",
+                  label=f"weight exp(-(pos-{mu:g})²/2·{sigma:g}²)")
+        if strategy == "shift_gsample":
+            shift = params.get("shift")
+            shift = default_shift(frac) if shift is None else shift
+            ax_r.axvspan(0, shift, color="tab:red", alpha=0.08, label=f"discarded head (pos < {shift:.3g})")
+    ax_r.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="rank position (0 = best)", ylabel="share of rows kept",
+             title=f"{strategy}, {k:,} of {n:,} kept ({frac:.0%})")
+    ax_r.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    return _save(fig, out)
+
+
+def plot_rank_bands(ratings: pd.DataFrame, out: str | os.PathLike, k: int = 6, bands: int = 10, seed: int = 0,
+                    image_col: str | None = None, caption_col: str = "caption", base_dir: str | os.PathLike = ".",
+                    caption_chars: int = 60) -> Path:
+    """A grid with ``k`` random images (and captions) from each of ``bands`` rank bands."""
+    image_col = image_col or next((c for c in ("image_path", "image_save_path") if c in ratings.columns), None)
+    if image_col is None or image_col not in ratings.columns:
+        raise ValueError(f"ratings have no image column {image_col or 'image_path / image_save_path'}; "
+                         "pass image_col")
+    if not np.array_equal(ratings["rank"].to_numpy(), np.arange(len(ratings))):
+        ratings = ratings.sort_values("rank", ignore_index=True)
+    n = len(ratings)
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(bands, k, figsize=(1.7 * k + 0.9, 2.05 * bands), squeeze=False, layout="constrained")
+    for b in range(bands):
+        lo, hi = -(-b * n // bands), -(-(b + 1) * n // bands)  # ranks i with i * bands // n == b
+        picks = np.sort(rng.choice(np.arange(lo, hi), size=min(k, hi - lo), replace=False)) if hi > lo else []
+        for j, ax in enumerate(axes[b]):
+            ax.set_xticks([]), ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if j >= len(picks):
+                continue
+            row = ratings.iloc[picks[j]]
+            ax.imshow(_thumbnail(Path(base_dir) / str(row[image_col])))
+            caption = str(row[caption_col]) if caption_col in ratings.columns else ""
+            short = textwrap.shorten(caption, caption_chars, placeholder="…")
+            ax.set_xlabel("\n".join(textwrap.wrap(short, 24)[:3]), fontsize=6.5)
+        axes[b][0].set_ylabel(f"{100 * b // bands}-{100 * (b + 1) // bands}%", fontsize=10, rotation=0,
+                              ha="right", va="center")
+    fig.suptitle(f"{n:,} pairs by rank band (top = best rated; {k} random per band, seed {seed})", fontsize=11)
+    return _save(fig, out)
+
+
+def _thumbnail(path: Path, size: int = 128) -> np.ndarray:
+    """The image centre-cropped to a square, or a grey tile when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            return np.asarray(im.resize((size, size), Image.Resampling.LANCZOS,
+                                        box=(left, top, left + side, top + side)))
+    except (OSError, ValueError):
+        return np.full((size, size, 3), 200, dtype=np.uint8)
+
+
+def _save(fig, out: str | os.PathLike) -> Path:
+    from alchemist.utils.io import atomic_open
+
+    with atomic_open(out, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+    return Path(out)

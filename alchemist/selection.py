@@ -1,0 +1,263 @@
+"""Pruning strategies: which rows of a ranked dataset to keep (METHOD.md §6).
+
+Everything here works in *rank space*: position 0 is the best-rated pair and
+``pos = rank / N`` lies in [0, 1). :func:`select` is pure and deterministic for
+a given seed; it touches no files, so 30 M rows prune in seconds (see
+docs/selection.md for measured timings).
+
+Strategies (parameters are fractions of N, like ``pos``):
+  ``topk`` / ``bottomk``  the K best / worst rows;
+  ``random``              K rows uniformly, without replacement;
+  ``block``               the window [start, start + K/N)  (``start``);
+  ``gsample``             K rows without replacement, p ∝ exp(−(pos−µ)²/2σ²)  (``mu``, ``sigma``);
+  ``shift_gsample``       drop pos < shift, then ``gsample`` the rest  (``mu``, ``sigma``, ``shift``).
+
+µ and σ are unpublished. The defaults (µ = 0.55, σ = 0.15) put the peak where the
+paper's figure peaks (pos 0.5-0.55) and ±2σ on its visible support (0.25-0.85).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+STRATEGIES = ("shift_gsample", "gsample", "block", "topk", "bottomk", "random")
+PARAMS = {
+    "shift_gsample": ("mu", "sigma", "shift"),
+    "gsample": ("mu", "sigma"),
+    "block": ("start",),
+    "topk": (),
+    "bottomk": (),
+    "random": (),
+}
+DEFAULT_MU = 0.55
+DEFAULT_SIGMA = 0.15
+DEFAULT_BLOCK_START = 0.4  # the paper's best windows start around s0.4-s0.6
+# Default shift by retention fraction: the paper's three settings (0.25 up to 50 %, 0.15 at
+# 80 %, 0.05 at 90 %), linear in between and down to 0 at 100 % so every K stays feasible.
+SHIFT_KNOTS = ((0.0, 0.5, 0.8, 0.9, 1.0), (0.25, 0.25, 0.15, 0.05, 0.0))
+
+
+def default_shift(fraction: float) -> float:
+    """The head fraction Shift-Gsample discards when keeping ``fraction`` of the data."""
+    return float(np.interp(fraction, *SHIFT_KNOTS))
+
+
+def n_select(n_total: int, retention: float | int) -> int:
+    """K from a retention given as a fraction in (0, 1] (float) or a count >= 1 (int)."""
+    if isinstance(retention, (bool, np.bool_)):
+        raise ValueError(f"retention must be a fraction in (0, 1] or a count >= 1, got {retention!r}")
+    if isinstance(retention, (int, np.integer)):
+        k = int(retention)
+    elif isinstance(retention, (float, np.floating)) and 0.0 < retention <= 1.0:
+        k = int(round(float(retention) * n_total))
+    else:
+        raise ValueError(f"retention must be a fraction in (0, 1] or a count >= 1, got {retention!r}")
+    if not 1 <= k <= n_total:
+        raise ValueError(f"retention {retention!r} asks for {k} rows; it must select between 1 and N={n_total}")
+    return k
+
+
+def parse_retention(text: str) -> float | int:
+    """'0.5', '50%' or '1.0' -> a fraction (float); '1000' -> a row count (int)."""
+    text = text.strip()
+    if text.endswith("%"):
+        return float(text[:-1]) / 100.0
+    return int(text) if text.isdigit() else float(text)
+
+
+def select(ratings: Any, strategy: str, retention: float | int, seed: int = 0, **params) -> np.ndarray:
+    """Indices of the rows to keep, ordered best rank first.
+
+    ``ratings`` is one of
+      * an int N: the rows are already in rank order; the result are rank positions;
+      * a DataFrame with ``rank`` (or else ``score``): the result are row positions (``iloc``);
+      * a 1-D array of scores (higher = better, ties by row order): positions into it.
+    ``retention`` is a fraction (float in (0, 1]) or a count (int). Unknown strategies,
+    parameters or infeasible requests raise ValueError naming the fix.
+    """
+    n, order = _rank_order(ratings)
+    k = n_select(n, retention)
+    pos = _select_positions(n, k, strategy, seed, params)
+    return pos if order is None else order[pos]
+
+
+def inclusion_probability(n_total: int, strategy: str, retention: float | int, **params) -> np.ndarray:
+    """P(rank position i is selected), shape (N,); for the sampling strategies a large-N limit.
+
+    Gumbel-top-k keeps the K largest keys ``log w_i + G_i``; for large N the K-th key is
+    nearly a constant t, so row i is kept with probability 1 − exp(−w_i e^(−t)), t solving
+    Σ_i P_i = K. That is what an empirical selection histogram converges to.
+    """
+    k = n_select(n_total, retention)
+    strategy, params = _check_params(strategy, params)
+    if strategy == "random":
+        return np.full(n_total, k / n_total)
+    if strategy not in ("gsample", "shift_gsample"):
+        p = np.zeros(n_total)
+        p[_select_positions(n_total, k, strategy, 0, params)] = 1.0
+        return p
+    head, logw = _gaussian_logweights(n_total, k, strategy, params)
+    p = np.zeros(n_total)
+    p[head:] = 1.0 if k == n_total - head else _threshold_inclusion(logw, k)
+    return p
+
+
+def rank_histogram(positions: np.ndarray, n_total: int, bins: int = 10) -> np.ndarray:
+    """How many selected rank positions fall in each of ``bins`` equal rank bands (deciles)."""
+    band = np.asarray(positions, dtype=np.int64) * bins // n_total
+    return np.bincount(band, minlength=bins)
+
+
+def prune_table(ratings: pd.DataFrame, strategy: str, retention: float | int, seed: int = 0,
+                keep_scores: bool = False, **params) -> pd.DataFrame:
+    """The selected rows of a ratings table, in rank order; score/rank dropped unless kept."""
+    rows = select(ratings, strategy, retention, seed, **params)
+    subset = ratings.iloc[rows]
+    if not keep_scores:
+        subset = subset.drop(columns=[c for c in ("score", "rank") if c in subset.columns])
+    return subset.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- internals
+def _rank_order(ratings: Any) -> tuple[int, np.ndarray | None]:
+    """(N, order) with order[rank position] = row index, or None when rows are in rank order."""
+    if isinstance(ratings, (int, np.integer)) and not isinstance(ratings, (bool, np.bool_)):
+        if ratings < 1:
+            raise ValueError(f"need at least one row to select from, got N={ratings}")
+        return int(ratings), None
+    if isinstance(ratings, pd.DataFrame):
+        if "rank" in ratings.columns:
+            return _order_from_ranks(ratings["rank"].to_numpy())
+        if "score" in ratings.columns:
+            return _order_from_scores(ratings["score"].to_numpy(dtype=np.float64))
+        raise ValueError("the ratings table needs a 'rank' or 'score' column to select from")
+    return _order_from_scores(np.asarray(ratings, dtype=np.float64))
+
+
+def _order_from_ranks(rank: np.ndarray) -> tuple[int, np.ndarray | None]:
+    n = len(rank)
+    if n == 0:
+        raise ValueError("the ratings table is empty")
+    if np.array_equal(rank, np.arange(n)):
+        return n, None
+    ok = np.issubdtype(rank.dtype, np.integer) and rank.min() == 0 and rank.max() == n - 1
+    if not ok or np.bincount(rank, minlength=n).max() != 1:
+        raise ValueError("the 'rank' column must be a permutation of 0..N-1; rebuild it with alchemist.ratings.rank_scores")
+    order = np.empty(n, dtype=np.int64)
+    order[rank] = np.arange(n)
+    return n, order
+
+
+def _order_from_scores(scores: np.ndarray) -> tuple[int, np.ndarray]:
+    if scores.ndim != 1 or len(scores) == 0:
+        raise ValueError(f"scores must be a non-empty 1-D array, got shape {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError(f"{int(np.isnan(scores).sum())} scores are NaN; fix or drop those rows before selecting")
+    return len(scores), np.argsort(-scores, kind="stable")
+
+
+def _check_params(strategy: str, params: dict) -> tuple[str, dict]:
+    if strategy not in PARAMS:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    extra = sorted(set(params) - set(PARAMS[strategy]))
+    if extra:
+        takes = ", ".join(PARAMS[strategy]) or "none"
+        raise ValueError(f"strategy {strategy!r} takes no parameter {extra[0]!r} (its parameters: {takes})")
+    return strategy, params
+
+
+def _first_at_or_after(frac: float, n: int) -> int:
+    """Smallest rank i with i / N >= frac: the exact boundary of ``pos < frac``."""
+    i = min(max(math.ceil(frac * n), 0), n)
+    while i > 0 and (i - 1) / n >= frac:
+        i -= 1
+    while i < n and i / n < frac:
+        i += 1
+    return i
+
+
+def _select_positions(n: int, k: int, strategy: str, seed: int, params: dict) -> np.ndarray:
+    strategy, params = _check_params(strategy, params)
+    if strategy == "topk":
+        return np.arange(k)
+    if strategy == "bottomk":
+        return np.arange(n - k, n)
+    if strategy == "block":
+        return _block(n, k, params.get("start"))
+    rng = np.random.default_rng(seed)
+    if strategy == "random":
+        return np.sort(rng.choice(n, size=k, replace=False))
+    head, logw = _gaussian_logweights(n, k, strategy, params)
+    return head + np.sort(_weighted_sample(logw, k, rng))
+
+
+def _block(n: int, k: int, start: float | None) -> np.ndarray:
+    if start is None:  # the default window slides left when K does not fit after it
+        s = min(_first_at_or_after(DEFAULT_BLOCK_START, n), n - k)
+    else:
+        _check_fraction("start", start)
+        s = _first_at_or_after(start, n)
+        if s + k > n:
+            raise ValueError(f"block: the window [{start}, {start} + {k}/{n}) runs past the last row; "
+                             f"use start <= {(n - k) / n:.4f}")
+    return np.arange(s, s + k)
+
+
+def _gaussian_logweights(n: int, k: int, strategy: str, params: dict) -> tuple[int, np.ndarray]:
+    """(first candidate rank, log-weights of ranks head..N-1) for gsample / shift_gsample."""
+    mu = float(params.get("mu", DEFAULT_MU))
+    sigma = float(params.get("sigma", DEFAULT_SIGMA))
+    if not (sigma > 0 and math.isfinite(sigma) and math.isfinite(mu)):
+        raise ValueError(f"{strategy}: need a finite mu and sigma > 0, got mu={mu}, sigma={sigma}")
+    head = 0
+    if strategy == "shift_gsample":
+        shift = params.get("shift")
+        if shift is None:  # default by retention; never so large that fewer than K rows remain
+            head = min(_first_at_or_after(default_shift(k / n), n), n - k)
+        else:
+            _check_fraction("shift", shift)
+            head = _first_at_or_after(shift, n)
+            if n - head < k:
+                raise ValueError(f"shift_gsample: keeping {k} rows is impossible after discarding the top "
+                                 f"shift={shift} ({head} rows) of N={n}; lower the shift or the retention")
+    logw = np.arange(head, n, dtype=np.float64)
+    logw /= n
+    logw -= mu
+    np.square(logw, out=logw)
+    logw *= -0.5 / sigma**2
+    return head, logw
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} is a fraction of the ranking and must lie in [0, 1), got {value!r}")
+
+
+def _weighted_sample(logw: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """K distinct indices distributed like K sequential draws without replacement, p ∝ exp(logw).
+
+    Gumbel-top-k (Efraimidis-Spirakis in log space): keep the K largest of
+    ``logw_i + Gumbel_i`` = ``logw_i - log(Exp_i)``. One pass and one partial sort, O(N).
+    """
+    m = len(logw)
+    if k == m:
+        return np.arange(m)
+    keys = rng.standard_exponential(m)
+    np.log(keys, out=keys)
+    np.subtract(logw, keys, out=keys)
+    return np.argpartition(keys, m - k)[m - k:]
+
+
+def _threshold_inclusion(logw: np.ndarray, k: int) -> np.ndarray:
+    from scipy.optimize import brentq
+
+    def incl(t: float) -> np.ndarray:
+        return -np.expm1(-np.exp(logw - t))
+
+    lo = logw.min() - 20.0
+    hi = logw.max() + math.log(len(logw)) + 20.0
+    t = brentq(lambda t: incl(t).sum() - k, lo, hi, xtol=1e-12)
+    return incl(t)

@@ -1,0 +1,146 @@
+"""Time and memory of pruning at scale (docs/selection.md records the results).
+
+    python scripts/bench_prune.py --n 30000000 --table --out runs/bench_prune.json
+
+Each case runs in a fresh child process so that its peak RSS is its own:
+  * ``select``: every strategy on N rank positions (``select(N, ...)``), and once from an
+    unsorted score array (which adds the argsort that ranks it);
+  * ``table`` (with --table): a synthetic N-row ratings parquet (id, image_save_path, caption,
+    score, rank) pruned end to end: read_ratings → prune_table → write_table (parquet).
+Peak memory is reported as the child's peak RSS minus its RSS before the case, and for the
+numpy-only cases also as tracemalloc's peak (numpy reports its buffers to tracemalloc).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+STRATEGY_CASES = ("topk", "bottomk", "block", "random", "gsample", "shift_gsample")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_case(case: dict) -> dict:
+    """One measurement, in this process (the child)."""
+    from alchemist.selection import select
+
+    n, retention = case["n"], case["retention"]
+    base = _rss_mb()
+    if case["kind"] == "select":
+        scores = np.random.default_rng(0).standard_normal(n) if case["from_scores"] else None
+        base = _rss_mb()
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        idx = select(n if scores is None else scores, case["strategy"], retention, seed=0)
+        seconds = time.perf_counter() - t0
+        traced = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        return {"seconds": seconds, "kept": len(idx), "peak_mb": _peak_rss_mb() - base, "traced_mb": traced}
+
+    from alchemist.ratings import read_ratings, write_table
+    from alchemist.selection import prune_table
+
+    t0 = time.perf_counter()
+    ratings = read_ratings(case["path"])
+    t1 = time.perf_counter()
+    subset = prune_table(ratings, case["strategy"], retention, seed=0)
+    t2 = time.perf_counter()
+    write_table(subset, case["out"])
+    t3 = time.perf_counter()
+    return {"seconds": t3 - t0, "read_s": t1 - t0, "select_s": t2 - t1, "write_s": t3 - t2,
+            "kept": len(subset), "peak_mb": _peak_rss_mb() - base,
+            "in_mb": os.path.getsize(case["path"]) / 2**20, "out_mb": os.path.getsize(case["out"]) / 2**20}
+
+
+def make_table(n: int, path: Path) -> float:
+    """A synthetic ranked ratings parquet built in Arrow (seconds to build and write)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    ids = pc.utf8_lpad(pc.cast(pa.array(np.arange(n)), pa.string()), 9, "0")
+    paths = pc.binary_join_element_wise("/data/laion/part-0042/", ids, ".jpg", "")
+    words = pa.array(["a photo of a red car parked on a street", "two dogs playing in the snow",
+                      "product shot of a white sneaker on a plain background",
+                      "a crowded market with colourful stalls at dusk"])
+    captions = pc.binary_join_element_wise(words.take(pa.array(rng.integers(0, 4, n))), ids, ", #")
+    score = -np.sort(-rng.standard_normal(n))
+    table = pa.table({"id": ids, "image_save_path": paths, "caption": captions,
+                      "score": score, "rank": np.arange(n, dtype=np.int64)})
+    pq.write_table(table, path)
+    return time.perf_counter() - t0
+
+
+def measure(case: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
+                         capture_output=True, text=True, check=True)
+    return {**case, **json.loads(out.stdout.strip().splitlines()[-1])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=30_000_000)
+    ap.add_argument("--retention", type=float, nargs="+", default=[0.2, 0.5])
+    ap.add_argument("--table", action="store_true", help="also prune a synthetic N-row parquet end to end")
+    ap.add_argument("--out", default="", help="write all results as JSON here")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return 0
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"python {platform.python_version()}, numpy {np.__version__}")
+    results = []
+    for r in args.retention:
+        for strategy in STRATEGY_CASES:
+            res = measure({"kind": "select", "n": args.n, "strategy": strategy, "retention": r, "from_scores": False})
+            results.append(res)
+            print(f"select   N={args.n:,} {strategy:14s} r={r:.2f}  {res['seconds']:6.2f} s  "
+                  f"peak +{res['peak_mb']:7.0f} MiB RSS, {res['traced_mb']:7.0f} MiB traced")
+        res = measure({"kind": "select", "n": args.n, "strategy": "shift_gsample", "retention": r, "from_scores": True})
+        results.append(res)
+        print(f"select   N={args.n:,} {'shift_gsample':14s} r={r:.2f}  {res['seconds']:6.2f} s  "
+              f"peak +{res['peak_mb']:7.0f} MiB RSS, {res['traced_mb']:7.0f} MiB traced  (from unsorted scores)")
+    if args.table:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+            path = Path(tmp) / "ratings.parquet"
+            built = make_table(args.n, path)
+            print(f"table    built {path.stat().st_size / 2**20:.0f} MiB parquet in {built:.1f} s")
+            for r in args.retention:
+                res = measure({"kind": "table", "n": args.n, "strategy": "shift_gsample", "retention": r,
+                               "path": str(path), "out": str(Path(tmp) / "subset.parquet")})
+                results.append(res)
+                print(f"table    N={args.n:,} shift_gsample r={r:.2f}  {res['seconds']:6.2f} s "
+                      f"(read {res['read_s']:.2f}, select {res['select_s']:.2f}, write {res['write_s']:.2f})  "
+                      f"peak +{res['peak_mb']:7.0f} MiB RSS")
+    if args.out:
+        from alchemist.utils.io import atomic_open
+
+        with atomic_open(args.out) as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Prune a rated dataset: keep the rows a strategy selects, in rank order.
+
+    python scripts/prune.py --ratings ratings.parquet --out subset.csv \
+        --strategy shift_gsample --retention 0.5 [--seed 0 --mu 0.55 --sigma 0.15 --shift 0.25]
+
+--retention is a fraction when it has a decimal point or a % sign (0.5, 50%, 1.0 = all)
+and a row count when it is a whole number (1000). The output keeps the input's columns,
+minus score/rank unless --keep-scores; its format follows --out's extension.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from alchemist.ratings import read_ratings, write_table
+from alchemist.selection import STRATEGIES, parse_retention, prune_table, rank_histogram
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratings", required=True, help="ratings table (.csv / .parquet)")
+    ap.add_argument("--out", required=True, help="subset table to write (.csv / .parquet)")
+    ap.add_argument("--strategy", default="shift_gsample", choices=STRATEGIES)
+    ap.add_argument("--retention", required=True, type=parse_retention)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mu", type=float, help="gsample / shift_gsample: Gaussian centre (rank fraction)")
+    ap.add_argument("--sigma", type=float, help="gsample / shift_gsample: Gaussian width (rank fraction)")
+    ap.add_argument("--shift", type=float, help="shift_gsample: discard ranks below this fraction")
+    ap.add_argument("--start", type=float, help="block: window start (rank fraction)")
+    ap.add_argument("--keep-scores", action="store_true", help="keep the score and rank columns")
+    args = ap.parse_args(argv)
+
+    params = {k: getattr(args, k) for k in ("mu", "sigma", "shift", "start") if getattr(args, k) is not None}
+    try:
+        ratings = read_ratings(args.ratings)
+        subset = prune_table(ratings, args.strategy, args.retention, args.seed, keep_scores=True, **params)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n, k = len(ratings), len(subset)
+    hist = rank_histogram(subset["rank"].to_numpy(), n)
+    if not args.keep_scores:
+        subset = subset.drop(columns=["score", "rank"])
+    write_table(subset, args.out)
+
+    print(f"kept {k} of {n} rows ({k / n:.2%}) with {args.strategy} seed={args.seed} -> {args.out}")
+    print("rank decile   kept   share of decile")
+    sizes = np.diff(-(-np.arange(11) * n // 10))  # rows per decile: ranks i with i * 10 // n == d
+    for d, (c, size) in enumerate(zip(hist, sizes)):
+        share = c / size if size else 0.0
+        print(f"  {d * 10:3d}-{d * 10 + 10:3d}%  {c:7d}   {share:6.1%}  {'#' * round(40 * share)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
