@@ -181,10 +181,29 @@ class RaterConfig:
     seed: int = 0
 
     def __post_init__(self):
-        side = self.model.patch_nums[-1] * self.model.patch_size
-        _check(self.data.image_size == side,
-               f"data.image_size {self.data.image_size} must equal patch_nums[-1] * patch_size = "
-               f"{self.model.patch_nums[-1]} * {self.model.patch_size} = {side}")
+        _check_geometry(self.data, self.model)
+
+
+@dataclass(frozen=True)
+class T2IConfig:
+    """Downstream text-to-image training on a (selected) subset: the proxy architecture, no rater.
+    ``data.train_csv_path`` is the subset, ``data.val_csv_path`` the clean held-out set."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output: OutputConfig = field(default_factory=lambda: OutputConfig(exp_name="t2i"))
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_geometry(self.data, self.model)
+
+
+def _check_geometry(data: DataConfig, model: ModelConfig) -> None:
+    side = model.patch_nums[-1] * model.patch_size
+    _check(data.image_size == side,
+           f"data.image_size {data.image_size} must equal patch_nums[-1] * patch_size = "
+           f"{model.patch_nums[-1]} * {model.patch_size} = {side}")
 
 
 # ----------------------------------------------------------------------------- machinery

@@ -118,3 +118,23 @@ def _save(fig, out: str | os.PathLike) -> Path:
         fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return Path(out)
+
+
+def plot_samples(real_B3HW, gen_BK3HW, captions: list[str], out: str | os.PathLike, title: str = "") -> Path:
+    """One row per caption: the real image, then K generated samples (tensors in [-1, 1])."""
+    B, K = gen_BK3HW.shape[:2]
+    fig, axes = plt.subplots(B, K + 1, figsize=(1.5 * (K + 1) + 2.5, 1.5 * B), squeeze=False, layout="constrained")
+    to_np = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()  # noqa: E731
+    for b in range(B):
+        tiles = [real_B3HW[b]] + [gen_BK3HW[b, k] for k in range(K)]
+        for j, t in enumerate(tiles):
+            ax = axes[b][j]
+            ax.imshow(to_np(t), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            if b == 0:
+                ax.set_title("real" if j == 0 else f"sample {j}", fontsize=8)
+        axes[b][0].set_ylabel("\n".join(textwrap.wrap(captions[b], 28)), fontsize=7, rotation=0, ha="right",
+                              va="center")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, out)

@@ -1,0 +1,122 @@
+"""The bilevel loop: zip a validation pass with a cycling training stream; proxy step, rater step.
+
+Progress, metrics, checkpoints and resume come from ``alchemist.loop.TrainLoop``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from alchemist.bilevel.estimators import Estimator, StepContext
+from alchemist.config import RaterConfig
+from alchemist.data.sampler import Stream
+from alchemist.loop import TrainLoop
+from alchemist.models.batch import TokenBatch
+from alchemist.utils.dist import broadcast_params, replica_spread
+from alchemist.utils.optim import build_optimizer, set_lr
+from alchemist.utils.schedule import gamma_at, lr_factor
+
+
+class BilevelTrainer(TrainLoop):
+    desc = "bilevel"
+    progress_keys = ("L_val", "gamma", "lr", "img_per_s")
+
+    def __init__(self, cfg: RaterConfig, proxy: nn.Module, rater: nn.Module, estimator_factory,
+                 featurize: Callable[[Any], TokenBatch | None], val: Stream, train: Stream,
+                 device: torch.device, is_main: bool = True, on_skipped: Callable[[list], None] = lambda s: None):
+        super().__init__(cfg, featurize, -(-val.sampler.per_rank() // val.batch_size), device, is_main, on_skipped)
+        self.proxy, self.rater, self.val, self.train = proxy, rater, val, train
+        o = cfg.optim
+        make_opt = lambda m, lr, wd: build_optimizer(m, o.opt, lr, wd, (o.beta1, o.beta2))  # noqa: E731
+        broadcast_params(proxy), broadcast_params(rater)
+        self.proxy.requires_grad_(not cfg.bilevel.fix_proxy)
+        self.opt_proxy = None if cfg.bilevel.fix_proxy else make_opt(proxy, o.tlr, o.twd)
+        self.opt_rater = make_opt(rater, o.rater_lr, o.rater_wd)
+        self.estimator: Estimator = estimator_factory(proxy, lambda m: make_opt(m, o.tlr, o.twd))
+        self.scalers = [self.new_scaler(), self.new_scaler()]
+        wp_epochs = o.wp if o.wp > 0 else o.ep / 50
+        self.warmup_steps = max(1, round(wp_epochs * self.steps_per_epoch))
+        self._train_iter = None
+
+    def epoch_batches(self) -> Iterator[tuple]:
+        """One pass over the validation loader, each batch paired with the next training batch."""
+        if self._train_iter is None:
+            self._train_iter = self.train.cycle()
+        self.val.epoch = self.epoch
+        for val_raw in self.val.epoch_batches():
+            yield next(self._train_iter), val_raw
+        self.val.used = 0
+
+    def train_step(self, train: TokenBatch, val: TokenBatch) -> dict[str, float] | None:
+        cfg = self.cfg
+        gamma = gamma_at(self.epoch, cfg.bilevel.gamma_start, cfg.bilevel.gamma_decay,
+                         cfg.bilevel.gamma_decay_from, cfg.bilevel.gamma_min)
+        lr_f = lr_factor(cfg.optim.sche, self.step_idx, self.warmup_steps, self.total_steps, cfg.optim.wp0, cfg.optim.wpe)
+        if self.opt_proxy is not None:
+            set_lr(self.opt_proxy, cfg.optim.tlr * lr_f)
+        set_lr(self.opt_rater, cfg.optim.rater_lr * lr_f)
+        self.estimator.set_lr(cfg.optim.tlr * lr_f)
+        self.proxy.train(), self.rater.train()
+
+        with self.autocast():
+            rater_out = self.rater(train)  # once per step: its weights feed both updates
+            val_loss_BL = self.proxy.per_token_loss(val)
+            train_loss_B = self.proxy.per_sample_loss(train)
+        weight_B = rater_out.weight_B.detach().float()
+        if not cfg.bilevel.official_scale:
+            weight_B = weight_B * train.B
+        val_loss = val_loss_BL.float().mean()
+        weighted = (weight_B * train_loss_B.float()).mean()
+        proxy_loss = gamma * val_loss + (1 - gamma) * weighted
+        if not torch.isfinite(proxy_loss):
+            return None
+        theta_before = ([p.detach().clone() for p in self.proxy.parameters() if p.requires_grad]
+                        if self.estimator.needs_snapshot else None)
+        proxy_gnorm = self.optimizer_step(self.proxy, self.opt_proxy, proxy_loss, self.scalers[0])
+
+        ctx = StepContext(self.proxy, train, val, rater_out, train_loss_B.detach().float(), weight_B,
+                          theta_before, self.autocast)
+        rater_loss = self.estimator.rater_loss(ctx)
+        p_B = rater_out.weight_B.float() / rater_out.weight_B.float().sum()
+        entropy = -(p_B * p_B.clamp_min(1e-12).log()).sum()
+        rater_loss = rater_loss - cfg.bilevel.entropy_reg * entropy
+        if not torch.isfinite(rater_loss):
+            return None
+        rater_gnorm = self.optimizer_step(self.rater, self.opt_rater, rater_loss, self.scalers[1])
+
+        w = rater_out.weight_B.detach().float()
+        per_scale = self.proxy.per_scale_loss(val_loss_BL.detach().float())
+        out = {"L_val": val_loss.item(), "weighted_train_loss": weighted.item(),
+               "train_loss": train_loss_B.float().mean().item(), "rater_loss": rater_loss.item(),
+               "gamma": gamma, "lr": cfg.optim.tlr * lr_f, "w_entropy": entropy.detach().item(),
+               "w_max": w.max().item(), "w_min": w.min().item(), "group_scalar": float(rater_out.group_scalar.detach()),
+               "proxy_grad_norm": proxy_gnorm, "rater_grad_norm": rater_gnorm}
+        out.update({f"L_val_s{i}": v for i, v in enumerate(per_scale.tolist())})
+        return out
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [o for o in (self.opt_proxy, self.opt_rater) if o is not None]
+
+    def final_summary(self) -> dict[str, Any]:
+        return {"replica_spread": max(replica_spread(self.proxy), replica_spread(self.rater))}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"val_pos": (self.val.epoch, self.val.used), "train_pos": (self.train.epoch, self.train.used),
+                "proxy": self.proxy.state_dict(), "rater": self.rater.state_dict(),
+                "opt_proxy": None if self.opt_proxy is None else self.opt_proxy.state_dict(),
+                "opt_rater": self.opt_rater.state_dict(), "scalers": [s.state_dict() for s in self.scalers],
+                "estimator": self.estimator.state_dict()}
+
+    def load_extra_state(self, ckpt: dict[str, Any]) -> None:
+        self.proxy.load_state_dict(ckpt["proxy"])
+        self.rater.load_state_dict(ckpt["rater"])
+        if self.opt_proxy is not None and ckpt["opt_proxy"] is not None:
+            self.opt_proxy.load_state_dict(ckpt["opt_proxy"])
+        self.opt_rater.load_state_dict(ckpt["opt_rater"])
+        for s, st in zip(self.scalers, ckpt["scalers"]):
+            s.load_state_dict(st)
+        self.estimator.load_state_dict(ckpt["estimator"])
+        self.val.epoch, self.val.used = ckpt["val_pos"]
+        self.train.epoch, self.train.used = ckpt["train_pos"]

@@ -1,0 +1,51 @@
+"""Build the frozen encoders and the trainable models from a ModelConfig (shared by all entry points)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from alchemist.config import ConfigError, ModelConfig
+from alchemist.models.proxy import Proxy
+from alchemist.models.rater import Rater
+from alchemist.models.text import TextEncoder
+from alchemist.models.vqvae import VQVAE, load_vqvae
+
+
+def tokenizer_path(mcfg: ModelConfig) -> Path:
+    p = Path(mcfg.vae_ckpt)
+    if not p.is_absolute() and mcfg.ckpt_path and not p.exists():
+        p = Path(mcfg.ckpt_path) / p
+    return p
+
+
+def build_tokenizer(mcfg: ModelConfig, device: torch.device) -> VQVAE:
+    """The frozen multi-scale tokenizer; its geometry must match the config's."""
+    path = tokenizer_path(mcfg)
+    vq = load_vqvae(path, vocab_size=mcfg.vocab_size, z_channels=mcfg.Cvae, ch=mcfg.vae_ch,
+                    ch_mult=mcfg.vae_ch_mult, patch_nums=mcfg.patch_nums)
+    got = (tuple(vq.patch_nums), vq.vocab_size, vq.Cvae, vq.downsample)
+    want = (tuple(mcfg.patch_nums), mcfg.vocab_size, mcfg.Cvae, mcfg.patch_size)
+    if got != want:
+        raise ConfigError(f"tokenizer {str(path)!r} has (patch_nums, vocab_size, Cvae, patch_size) = {got} but the "
+                          f"config asks for {want}: set model.* to match the tokenizer")
+    return vq.to(device)
+
+
+def build_text_encoder(mcfg: ModelConfig, device: torch.device) -> TextEncoder:
+    return TextEncoder(mcfg.text_enc_path, max_len=mcfg.text_max_len, device=device)
+
+
+def build_proxy(mcfg: ModelConfig, text_dim: int, device: torch.device) -> Proxy:
+    proxy = Proxy.from_config(mcfg, text_dim)
+    if mcfg.proxy_init:
+        path = Path(mcfg.proxy_init)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.proxy_init {str(path)!r} does not exist (a proxy checkpoint file)")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        proxy.load_state_dict(state.get("proxy", state.get("state_dict", state)))
+    return proxy.to(device)
+
+
+def build_rater(mcfg: ModelConfig, text_dim: int, device: torch.device, double_softmax: bool = False) -> Rater:
+    return Rater.from_config(mcfg, text_dim, double_softmax=double_softmax).to(device)

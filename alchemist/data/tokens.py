@@ -1,0 +1,34 @@
+"""Raw (image, caption) batches -> TokenBatch with the frozen tokenizer and text encoder."""
+from __future__ import annotations
+
+import torch
+
+from alchemist.models.batch import TokenBatch
+
+
+class Featurizer:
+    """Encodes a collated batch on ``device``: multi-scale ids, teacher-forcing input, text features.
+
+    A batch read from the feature cache already carries ``idx_BL`` and ``text``; only the cheap
+    teacher-forcing input is rebuilt from the ids (no image encoder, no text encoder)."""
+
+    def __init__(self, vqvae, text_encoder, device: torch.device):
+        self.vqvae, self.text_encoder, self.device = vqvae, text_encoder, device
+        self.scale_sizes = [pn * pn for pn in vqvae.patch_nums]
+
+    @torch.no_grad()
+    def __call__(self, raw: dict) -> TokenBatch | None:
+        if "idx_BL" in raw:
+            idx_BL = raw["idx_BL"].to(self.device, non_blocking=True).long()
+            text = raw["text"].to(self.device)
+        else:
+            img_B3HW = raw["img_B3HW"]
+            if img_B3HW.shape[0] == 0:
+                return None
+            img_B3HW = img_B3HW.to(self.device, non_blocking=True)
+            idx_BL = torch.cat(self.vqvae.img_to_idxBl(img_B3HW), dim=1)
+            text = self.text_encoder(raw["captions"]).to(self.device)
+        if idx_BL.shape[0] == 0:
+            return None
+        x_BLC = self.vqvae.idxBl_to_var_input(list(idx_BL.split(self.scale_sizes, dim=1)))
+        return TokenBatch(idx_BL, x_BLC, text)

@@ -1,0 +1,122 @@
+"""Downstream text-to-image training on a subset: the proxy architecture trained on plain token
+cross-entropy, with the held-out loss measured after every epoch. Same loop as the rater's."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from alchemist.build import build_proxy, build_text_encoder, build_tokenizer
+from alchemist.config import ConfigError, T2IConfig, save_config
+from alchemist.data.pairs import SkipLog, load_pairs
+from alchemist.data.sampler import Stream
+from alchemist.data.tokens import Featurizer
+from alchemist.loop import TrainLoop
+from alchemist.models.batch import TokenBatch
+from alchemist.runtime import make_stream, resume_path, setup_runtime
+from alchemist.utils.checkpoint import load_checkpoint
+from alchemist.utils.dist import broadcast_params, is_dist
+from alchemist.utils.optim import build_optimizer, set_lr
+from alchemist.utils.schedule import lr_factor
+
+
+class T2ITrainer(TrainLoop):
+    desc = "t2i"
+    progress_keys = ("loss", "lr", "img_per_s")
+
+    def __init__(self, cfg: T2IConfig, proxy: nn.Module, featurize: Callable[[Any], TokenBatch | None],
+                 train: Stream, evaluate: Callable[[], dict[str, float]], device: torch.device,
+                 is_main: bool = True, on_skipped: Callable[[list], None] = lambda s: None):
+        steps = train.sampler.per_rank() // train.batch_size
+        if steps == 0:
+            raise ConfigError(f"the training subset has fewer rows per process than optim.bs={cfg.optim.bs}")
+        super().__init__(cfg, featurize, steps, device, is_main, on_skipped)
+        self.proxy, self.train, self.evaluate = proxy, train, evaluate
+        broadcast_params(proxy)
+        o = cfg.optim
+        self.opt = build_optimizer(proxy, o.opt, o.tlr, o.twd, (o.beta1, o.beta2))
+        self.scaler = self.new_scaler()
+        self.warmup_steps = max(1, round((o.wp if o.wp > 0 else o.ep / 50) * steps))
+
+    def epoch_batches(self) -> Iterator[tuple]:
+        self.train.epoch = self.epoch
+        for raw in self.train.epoch_batches():
+            yield (raw,)
+        self.train.used = 0
+
+    def train_step(self, batch: TokenBatch) -> dict[str, float] | None:
+        o = self.cfg.optim
+        lr = o.tlr * lr_factor(o.sche, self.step_idx, self.warmup_steps, self.total_steps, o.wp0, o.wpe)
+        set_lr(self.opt, lr)
+        self.proxy.train()
+        with self.autocast():
+            loss = self.proxy.per_sample_loss(batch).float().mean()
+        if not torch.isfinite(loss):
+            return None
+        gnorm = self.optimizer_step(self.proxy, self.opt, loss, self.scaler)
+        return {"loss": loss.item(), "lr": lr, "grad_norm": gnorm}
+
+    def end_of_epoch(self) -> dict[str, float]:
+        return self.evaluate()
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.opt]
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"proxy": self.proxy.state_dict(), "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(),
+                "train_pos": (self.train.epoch, self.train.used)}
+
+    def load_extra_state(self, ckpt: dict[str, Any]) -> None:
+        self.proxy.load_state_dict(ckpt["proxy"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.train.epoch, self.train.used = ckpt["train_pos"]
+
+
+@torch.no_grad()
+def heldout_loss(proxy: nn.Module, featurize, stream: Stream) -> float:
+    """Mean per-token cross-entropy over the whole held-out stream (all ranks together)."""
+    was_training = proxy.training
+    proxy.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    stream.sampler.set_epoch(0)
+    for raw in stream.make_loader(stream.sampler):
+        batch = featurize(raw)
+        if batch is None:
+            continue
+        loss_BL = proxy.per_token_loss(batch)
+        total += torch.tensor([loss_BL.double().sum().item(), loss_BL.numel()], dtype=torch.float64)
+    if is_dist():
+        total = total.to(next(proxy.parameters()).device)
+        torch.distributed.all_reduce(total)
+    proxy.train(was_training)
+    return float(total[0] / total[1].clamp_min(1))
+
+
+def train_t2i(cfg: T2IConfig) -> dict[str, Any]:
+    """Train the downstream model on ``data.train_csv_path``; evaluate on ``data.val_csv_path``."""
+    rt = setup_runtime(cfg.optim.bs, cfg.seed)
+    skip_log = SkipLog()
+    train_table = load_pairs(cfg.data.train_csv_path, cfg.data, skip_log)
+    val_table = load_pairs(cfg.data.val_csv_path, cfg.data, skip_log)
+    train = make_stream(train_table, cfg.data, "train", rt, shuffle=True, drop_last=True,
+                        caption_dropout=cfg.data.caption_dropout, seed=cfg.seed + 1)
+    val = make_stream(val_table, cfg.data, "val", rt, shuffle=False, drop_last=False, caption_dropout=0.0, seed=0)
+    vqvae = build_tokenizer(cfg.model, rt.device)
+    text_encoder = build_text_encoder(cfg.model, rt.device)
+    proxy = build_proxy(cfg.model, text_encoder.width, rt.device)
+    featurize = Featurizer(vqvae, text_encoder, rt.device)
+    trainer = T2ITrainer(cfg, proxy, featurize, train, lambda: {"heldout_loss": heldout_loss(proxy, featurize, val)},
+                         rt.device, rt.is_main, skip_log.extend)
+    resume = resume_path(cfg.output)
+    if resume is not None:
+        trainer.load_state_dict(load_checkpoint(resume))
+    if rt.is_main:
+        save_config(cfg, cfg.output.run_dir / "config.json")
+    try:
+        summary = trainer.fit()
+    finally:
+        skip_log.write(cfg.output.run_dir / ("skipped.csv" if rt.world == 1 else f"skipped_rank{rt.rank}.csv"))
+    summary["train_rows"] = len(train_table)
+    return summary

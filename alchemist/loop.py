@@ -1,0 +1,159 @@
+"""The training loop every trainer shares: epochs of steps with a progress bar, JSONL/wandb
+metrics, atomic rotating checkpoints, exact resume and a guard against non-finite losses.
+
+A subclass says what one epoch's batches are (``epoch_batches``), what a step does (``train_step``,
+returning the numbers to log or None for a non-finite loss) and which extra state it owns.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from alchemist.config import config_to_dict
+from alchemist.models.batch import TokenBatch
+from alchemist.utils.checkpoint import capture_rng, restore_rng, save_checkpoint
+from alchemist.utils.dist import average_grads, is_dist
+from alchemist.utils.io import atomic_open
+from alchemist.utils.metrics import MetricsLogger
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class TrainLoop:
+    desc = "train"
+
+    def __init__(self, cfg, featurize: Callable[[Any], TokenBatch | None], steps_per_epoch: int,
+                 device: torch.device, is_main: bool = True, on_skipped: Callable[[list], None] = lambda s: None):
+        self.cfg, self.featurize, self.device, self.is_main, self.on_skipped = cfg, featurize, device, is_main, on_skipped
+        self.step_idx, self.epoch, self.nonfinite_run, self.nonfinite_total = 0, 0, 0, 0
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * cfg.optim.ep
+        self.run_dir: Path = cfg.output.run_dir
+        self.logger = MetricsLogger(self.run_dir / "metrics.jsonl", cfg.logging, cfg, cfg.output.exp_name, is_main)
+        amp = cfg.optim.fp16 if cfg.optim.fp16 >= 0 else (2 if device.type == "cuda" else 0)
+        self.amp_dtype = {1: torch.float16, 2: torch.bfloat16}.get(amp)
+        self.fp16_scaling = amp == 1
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def new_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.fp16_scaling)
+
+    def optimizer_step(self, model: torch.nn.Module, opt, loss: torch.Tensor, scaler) -> float:
+        """Backward, average over ranks, clip, step; returns the gradient norm before clipping."""
+        if opt is None:
+            return 0.0
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        params = [p for p in model.parameters() if p.grad is not None]
+        average_grads(params)
+        clip = self.cfg.optim.grad_clip
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        return float(gnorm)
+
+    # -------------------------------------------------------------- what subclasses provide
+    def epoch_batches(self) -> Iterator[tuple]:
+        raise NotImplementedError
+
+    def train_step(self, *batches: TokenBatch) -> dict[str, float] | None:
+        raise NotImplementedError
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return []
+
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def end_of_epoch(self) -> dict[str, float]:
+        """Numbers to log once an epoch is over (e.g. a held-out evaluation)."""
+        return {}
+
+    def final_summary(self) -> dict[str, Any]:
+        return {}
+
+    # -------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        bar = tqdm(total=self.total_steps, initial=self.step_idx, desc=self.desc, dynamic_ncols=True,
+                   disable=not (self.is_main and self.cfg.logging.progress))
+        last, t0, n_img = {}, time.perf_counter(), 0
+        while self.epoch < self.cfg.optim.ep:
+            for raws in self.epoch_batches():
+                batches = [self.featurize(r) for r in raws]
+                self.on_skipped([s for r in raws for s in r.get("skipped", [])])
+                if any(b is None or b.B == 0 for b in batches):
+                    continue
+                m = self.train_step(*batches)
+                self._count_nonfinite(m is None)
+                self.step_idx += 1
+                n_img += sum(b.B for b in batches)
+                bar.update(1)
+                if m is not None:
+                    last = {**m, "img_per_s": n_img / (time.perf_counter() - t0)}
+                    bar.set_postfix({k: f"{last[k]:.3g}" for k in self.progress_keys if k in last})
+                    if self.step_idx % self.cfg.logging.log_every == 0:
+                        self.logger.log({"step": self.step_idx, "epoch": self.epoch, **last})
+                if self.step_idx % self.cfg.output.save_every == 0:
+                    self.save()
+            self.epoch += 1
+            end = self.end_of_epoch()
+            if end:
+                self.logger.log({"step": self.step_idx, "epoch": self.epoch, **end})
+                last.update(end)
+            self.save()
+        bar.close()
+        summary = {"steps": self.step_idx, "epochs": self.epoch, "nonfinite_steps": self.nonfinite_total,
+                   "processes": torch.distributed.get_world_size() if is_dist() else 1, **self.final_summary(), **last}
+        if self.is_main:
+            with atomic_open(self.run_dir / "summary.json") as f:
+                json.dump(summary, f, indent=2)
+        self.logger.close()
+        return summary
+
+    progress_keys = ("loss", "img_per_s", "lr")
+
+    def _count_nonfinite(self, bad: bool) -> None:
+        if not bad:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_run += 1
+        self.nonfinite_total += 1
+        for opt in self.optimizers():
+            opt.zero_grad(set_to_none=True)
+        if self.nonfinite_run >= self.cfg.optim.max_nonfinite:
+            path = self.save()
+            raise NonFiniteLossError(
+                f"{self.nonfinite_run} consecutive steps had a non-finite loss (step {self.step_idx}); "
+                f"lower optim.tlr or use optim.fp16=0 or 2. Last good state: {path}")
+
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step_idx, "epoch": self.epoch, "nonfinite_total": self.nonfinite_total,
+                "rng": capture_rng(), "config": config_to_dict(self.cfg), **self.extra_state()}
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.load_extra_state(ckpt)
+        self.step_idx, self.epoch, self.nonfinite_total = ckpt["step"], ckpt["epoch"], ckpt["nonfinite_total"]
+        restore_rng(ckpt["rng"])
+
+    def save(self) -> Path | None:
+        if not self.is_main:
+            return None
+        return save_checkpoint(self.run_dir, self.step_idx, self.state_dict(), self.cfg.output.keep_last)

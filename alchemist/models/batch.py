@@ -1,0 +1,61 @@
+"""The two containers that travel between data, proxy, rater and trainer.
+
+Both are plain dataclasses of tensors with the three operations a trainer needs: move to a
+device, take a row subset (per-sample scoring, shuffles, splitting for accumulation) and, for
+text, concatenate batches whose captions were padded to different lengths (CFG's doubled batch).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+import torch.nn.functional as F
+
+
+@dataclass
+class TextFeatures:
+    """Frozen text-encoder output: per-token states for cross-attention, one vector for the start token."""
+    hidden_BTD: Tensor
+    mask_BT: Tensor  # bool, True = real token
+    pooled_BD: Tensor
+
+    @property
+    def B(self) -> int:
+        return self.hidden_BTD.shape[0]
+
+    def to(self, device) -> TextFeatures:
+        return TextFeatures(self.hidden_BTD.to(device), self.mask_BT.to(device), self.pooled_BD.to(device))
+
+    def index(self, sel) -> TextFeatures:
+        return TextFeatures(self.hidden_BTD[sel], self.mask_BT[sel], self.pooled_BD[sel])
+
+    @staticmethod
+    def cat(feats: list[TextFeatures]) -> TextFeatures:
+        """Row-wise concatenation; shorter token axes are zero-padded and masked out."""
+        T = max(f.hidden_BTD.shape[1] for f in feats)
+        hidden = [F.pad(f.hidden_BTD, (0, 0, 0, T - f.hidden_BTD.shape[1])) for f in feats]
+        mask = [F.pad(f.mask_BT, (0, T - f.mask_BT.shape[1]), value=False) for f in feats]
+        return TextFeatures(torch.cat(hidden), torch.cat(mask), torch.cat([f.pooled_BD for f in feats]))
+
+
+@dataclass
+class TokenBatch:
+    """One batch of multi-scale tokens with its captions.
+
+    ``idx_BL``: the ids of all scales concatenated (L = Σ pn²), the proxy's targets.
+    ``x_BLC``: the teacher-forcing input (B, L − pn₀², Cvae), f̂ after each scale resized to the next.
+    """
+    idx_BL: Tensor
+    x_BLC: Tensor
+    text: TextFeatures
+
+    @property
+    def B(self) -> int:
+        return self.idx_BL.shape[0]
+
+    def to(self, device) -> TokenBatch:
+        return TokenBatch(self.idx_BL.to(device), self.x_BLC.to(device), self.text.to(device))
+
+    def index(self, sel) -> TokenBatch:
+        return TokenBatch(self.idx_BL[sel], self.x_BLC[sel], self.text.index(sel))

@@ -1,0 +1,74 @@
+"""The rater: the proxy's block design at ``raterDepth``, pooled into one score per pair.
+
+Input = the proxy's teacher-forcing input (start token from the pooled caption, f̂ features of
+scales 2..K, cross-attention to the caption). Attention is bidirectional: the rater judges a
+finished pair, nothing is predicted, so there is nothing to hide, and every token (the coarse ones
+included) sees the finest features before the mean-pool; it also lets GPU runs use the flash
+kernel (no mask).
+
+Two heads (paper §3.3):
+- instance head → ``logit_B``, a function of that sample alone: the score used for ranking;
+  instance weights softmax_B(sigmoid(logit)).
+- group head on (mean_B p, var_B p) → sigmoid → one scalar per batch, multiplying all weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from alchemist.config import ModelConfig
+from alchemist.models.batch import TokenBatch
+from alchemist.models.blocks import ScaleTransformer, layer_norm
+
+
+@dataclass
+class RaterOutput:
+    logit_B: Tensor  # raw instance logit; batch-independent ranking score
+    weight_B: Tensor  # W_i = softmax_B(sigmoid(logit))_i · group_scalar (then softmax again if double_softmax)
+    group_scalar: Tensor  # 0-dim; 1.0 when the group head is off
+
+
+def score_mlp(in_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, 64), nn.GELU(approximate="tanh"), nn.Linear(64, 1))
+
+
+class Rater(ScaleTransformer):
+    def __init__(self, depth: int, Cvae: int, patch_nums: Sequence[int], text_dim: int, group_head: bool = True,
+                 double_softmax: bool = False, drop_path_rate: float = 0.0, rope_norm: float = 64.0,
+                 rope_theta: float = 1e4, mlp_ratio: float = 4.0):
+        super().__init__(depth, Cvae, patch_nums, text_dim, causal=False, drop_path_rate=drop_path_rate,
+                         rope_norm=rope_norm, rope_theta=rope_theta, mlp_ratio=mlp_ratio)
+        self.double_softmax = double_softmax
+        self.instance_head = score_mlp(self.C)
+        self.group_head = score_mlp(2 * self.C) if group_head else None
+        self.init_weights()
+
+    @classmethod
+    def from_config(cls, mcfg: ModelConfig, text_dim: int, double_softmax: bool = False) -> Rater:
+        return cls(mcfg.raterDepth, mcfg.Cvae, mcfg.patch_nums, text_dim, group_head=mcfg.group_head,
+                   double_softmax=double_softmax, rope_norm=mcfg.rope_norm, rope_theta=mcfg.rope_theta)
+
+    def pooled(self, batch: TokenBatch) -> Tensor:
+        """(B, C) mean over all tokens of the final-normalised states."""
+        return layer_norm(self.features(batch.x_BLC, batch.text)).mean(dim=1).float()
+
+    def forward(self, batch: TokenBatch) -> RaterOutput:
+        p_BC = self.pooled(batch)
+        with torch.autocast(p_BC.device.type, enabled=False):  # fp32 heads: bf16 scores would tie in a ranking
+            return self._heads(p_BC)
+
+    def _heads(self, p_BC: Tensor) -> RaterOutput:
+        logit_B = self.instance_head(p_BC).squeeze(-1)
+        weight_B = torch.sigmoid(logit_B).softmax(dim=0)
+        if self.group_head is None:
+            group = torch.ones((), device=p_BC.device)
+        else:  # population variance: defined (zero) for a batch of one
+            stats_2C = torch.cat([p_BC.mean(dim=0), p_BC.var(dim=0, unbiased=False)])
+            group = torch.sigmoid(self.group_head(stats_2C)).squeeze(-1)
+        weight_B = weight_B * group
+        if self.double_softmax:  # official trainer: softmax over already-normalised weights → ≈ 1/B
+            weight_B = weight_B.softmax(dim=0)
+        return RaterOutput(logit_B, weight_B, group)

@@ -1,0 +1,43 @@
+"""Metrics go to a JSONL file always, and to wandb when enabled (disabled by default)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from alchemist.config import LoggingConfig, config_to_dict
+
+
+class MetricsLogger:
+    def __init__(self, path: str | os.PathLike, cfg: LoggingConfig, run_config: Any = None,
+                 run_name: str = "", enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        self._wandb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if cfg.wandb != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(project=cfg.wandb_project, name=run_name or None, mode=cfg.wandb,
+                                     config=config_to_dict(run_config) if run_config is not None else None,
+                                     dir=str(self.path.parent), resume="allow")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                            step=record.get("step"))
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,45 @@
+"""Rate every pair of a table with a trained rater.
+
+    python infer_rater.py --ckpt runs/rater --csv pairs.csv --out ratings.parquet [--bs 256 --key=value ...]
+    bash infer_rater.sh --ckpt ... (all GPUs / nodes; ranks split the rows by shard)
+
+--ckpt is a run dir (its latest checkpoint) or a checkpoint file. Writes the ratings (input
+columns + score, official_score, rank; best first) in the format of --out's extension, skipped
+rows to <out stem>.skipped.csv, and finished shards to <out>.shards/ (a rerun resumes from them).
+Overrides: data.* keys (e.g. --caption_col=cogvlm_caption) and model file locations
+(--ckpt_path, --vae_ckpt, --text_enc_path) when they moved since training.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from alchemist.config import ConfigError
+from alchemist.data.pairs import DataError
+from alchemist.scoring import DEFAULT_SHARD_ROWS, rate_file
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="rater run dir or checkpoint file")
+    ap.add_argument("--csv", required=True, help="pairs table (.csv / .tsv / .parquet) with id, image path, caption")
+    ap.add_argument("--out", required=True, help="ratings table to write (.csv / .parquet)")
+    ap.add_argument("--bs", type=int, default=256, help="rows per forward pass (does not change the score)")
+    ap.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="rows per resumable shard")
+    ap.add_argument("--num-workers", type=int, help="data loader workers per rank (data.num_workers)")
+    ap.add_argument("--cache-dir", help="feature cache of this table from scripts/precompute.py (data.cache_dir)")
+    ap.add_argument("--no-progress", action="store_true")
+    args, overrides = ap.parse_known_args(argv)
+    overrides += [f"--{k}={v}" for k, v in (("num_workers", args.num_workers), ("cache_dir", args.cache_dir))
+                  if v is not None]
+    try:
+        rate_file(args.ckpt, args.csv, args.out, overrides, batch_size=args.bs, shard_rows=args.shard_rows,
+                  progress=not args.no_progress)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

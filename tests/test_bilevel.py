@@ -1,0 +1,238 @@
+"""The bilevel loop: update rules against brute force, schedules, resume, two ranks, a real run."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alchemist.bilevel.estimators import Lookahead, Penalty, StepContext, alignment
+from alchemist.bilevel.launch import train_rater
+from alchemist.loop import NonFiniteLossError
+from alchemist.config import RaterConfig, load_config
+from alchemist.data.demo import DemoSpec, generate_demo
+from alchemist.data.sampler import ResumableSampler
+from alchemist.models.batch import TextFeatures, TokenBatch
+from alchemist.models.blocks import math_attention
+from alchemist.models.proxy import Proxy
+from alchemist.models.rater import RaterOutput
+from alchemist.models.vqvae import VQVAE
+from alchemist.utils.checkpoint import latest_checkpoint, load_checkpoint
+from alchemist.utils.optim import param_groups
+from alchemist.utils.schedule import gamma_at, lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+PATCH_NUMS = (1, 2, 4)
+
+
+# ----------------------------------------------------------------------------- schedules, sampler, groups
+def test_gamma_schedule_matches_paper():
+    got = [round(gamma_at(e, 1.0, 0.03, 1, 0.0), 6) for e in range(10)]
+    assert got == [1.0, 0.97, 0.94, 0.91, 0.88, 0.85, 0.82, 0.79, 0.76, 0.73]
+    assert gamma_at(100, 1.0, 0.03, 1, 0.2) == 0.2
+
+
+def test_lin0_schedule_shape():
+    f = [lr_factor("lin0", i, 10, 210) for i in range(210)]
+    assert f[0] == pytest.approx(0.005) and f[10] == 1.0
+    assert all(a < b for a, b in zip(f[:10], f[1:11]))  # warm-up rises
+    assert f[15] == 1.0 and f[30] < 1.0  # 5 % of the 200 post-warm-up steps held
+    assert f[-1] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor("cos", 209, 10, 210) == pytest.approx(0.01)
+
+
+def test_resumable_sampler_resume_and_shards():
+    s = ResumableSampler(10, seed=3, world=1)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2, start=4)
+    assert list(s) == full[4:]
+    ranks = []
+    for r in range(2):
+        t = ResumableSampler(10, seed=3, rank=r, world=2)
+        t.set_epoch(2)
+        ranks.append(list(t))
+    assert sorted(ranks[0] + ranks[1]) == list(range(10))
+    s.set_epoch(3)
+    assert list(s) != full
+
+
+def test_no_weight_decay_groups():
+    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8)
+    decay, no_decay = param_groups(proxy, 0.05)
+    names = {id(p): n for n, p in proxy.named_parameters()}
+    no = {names[id(p)] for p in no_decay["params"]}
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert any("lvl_embed" in n for n in no) and any("log_scale" in n for n in no) and any("bias" in n for n in no)
+
+
+# ----------------------------------------------------------------------------- update rules vs brute force
+def _tiny_batch(B, V=16, Cvae=4, T=3, D=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    L = sum(p * p for p in PATCH_NUMS)
+    text = TextFeatures(torch.randn(B, T, D, generator=g, dtype=dtype), torch.ones(B, T, dtype=torch.bool),
+                        torch.randn(B, D, generator=g, dtype=dtype))
+    return TokenBatch(torch.randint(0, V, (B, L), generator=g), torch.randn(B, L - 1, Cvae, generator=g, dtype=dtype), text)
+
+
+def test_penalty_gradient_is_softmax_analytic_form():
+    s_B = torch.rand(5, dtype=torch.float64, requires_grad=True)  # sigmoid outputs
+    g = torch.tensor(0.7, dtype=torch.float64)
+    w = torch.softmax(s_B, 0)
+    l_B = torch.rand(5, dtype=torch.float64)
+    out = RaterOutput(logit_B=s_B, weight_B=w * g, group_scalar=g)
+    ctx = StepContext(None, None, None, out, l_B, None, None, None)
+    Penalty().rater_loss(ctx).backward()
+    wd = w.detach()
+    assert torch.allclose(s_B.grad, g * wd * (l_B - (wd * l_B).sum()), rtol=1e-12, atol=1e-14)
+
+
+def test_lookahead_equals_finite_difference_of_val_loss_after_sgd_step():
+    """dL_val(θ - η Σ_i w_i ∇l_i(θ)) / dw_i  ==  -η c_i  (brute force in w, float64)."""
+    torch.manual_seed(0)
+    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double().eval()
+    train, val = _tiny_batch(4, seed=1), _tiny_batch(3, seed=2)
+    params = [p for p in proxy.parameters()]
+    theta = [p.detach().clone() for p in params]
+    eta = 0.5
+
+    def val_after_step(w_B):
+        with torch.no_grad():
+            for p, t in zip(params, theta):
+                p.copy_(t)
+        loss = (w_B * proxy.per_sample_loss(train)).sum()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        with torch.no_grad():
+            for p, t, gr in zip(params, theta, grads):
+                p.copy_(t - eta * (0 if gr is None else gr))
+            return proxy.per_sample_loss(val).mean().item()
+
+    w = torch.full((4,), 0.25, dtype=torch.float64)
+    h = 1e-5
+    brute = torch.tensor([(val_after_step(w + h * e) - val_after_step(w - h * e)) / (2 * h)
+                          for e in torch.eye(4, dtype=torch.float64)])
+    val_after_step(w)  # leave the proxy at θ'
+    out = RaterOutput(logit_B=torch.zeros(4), weight_B=torch.zeros(4, dtype=torch.float64, requires_grad=True),
+                      group_scalar=torch.tensor(1.0))
+    ctx = StepContext(proxy, train, val, out, None, w, theta, lambda: torch.autocast("cpu", enabled=False))
+    got = Lookahead(eta=eta, eps=1e-4).coefficients(ctx)
+    assert torch.allclose(got, brute, rtol=1e-5, atol=1e-9), (got, brute)
+    assert all(torch.equal(p, q) for p, q in zip(params, [p.detach().clone() for p in params]))
+
+
+def test_central_difference_matches_double_backward():
+    """The second way: c_i = ∇l_i(θ)·v by double backward under the math attention kernel."""
+    torch.manual_seed(0)
+    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double().eval()
+    batch = _tiny_batch(3, seed=4)
+    params = list(proxy.parameters())
+    v = [torch.randn_like(p) for p in params]
+    with math_attention():
+        l_B = proxy.per_sample_loss(batch)
+        u = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        g = torch.autograd.grad((u * l_B).sum(), params, create_graph=True, allow_unused=True)
+        dot = sum((gi * vi).sum() for gi, vi in zip(g, v) if gi is not None)
+        exact = torch.autograd.grad(dot, u)[0]
+    theta = [p.detach().clone() for p in params]
+    fd = alignment(proxy, params, theta, v, batch, 1e-4, lambda: torch.autocast("cpu", enabled=False))
+    assert torch.allclose(fd, exact, rtol=1e-6, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- real runs on tiny demo data
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bilevel")
+    generate_demo(root / "data", DemoSpec(n_train=64, n_val=16, image_size=16, seed=0))
+    torch.manual_seed(0)
+    kw = dict(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=PATCH_NUMS)
+    torch.save({"state_dict": VQVAE(**kw).state_dict(), "config": kw}, root / "tok.pt")
+    return root
+
+
+def _cfg(root, run, **extra):
+    over = {"train_csv_path": str(root / "data/train.csv"), "val_csv_path": str(root / "data/val.csv"),
+            "image_size": 16, "num_workers": 0, "patch_size": 4, "patch_nums": "1,2,4", "vocab_size": 32,
+            "Cvae": 8, "vae_ch": 32, "vae_ch_mult": "1,2,2", "ckpt_path": str(root), "vae_ckpt": "tok.pt",
+            "text_enc_path": "", "text_max_len": 16, "depth": 1, "raterDepth": 1, "bs": 8, "ep": 2, "tlr": 1e-3, "rater_lr": 1e-3,
+            "fp16": 0, "local_out_dir_path": str(root), "exp_name": run, "save_every": 3, "log_every": 1,
+            "progress": False, "gamma_decay": 0.5}
+    over.update(extra)
+    return load_config(RaterConfig, ROOT / "configs/config_rater.json", {k: str(v) for k, v in over.items()})
+
+
+def _weights(run_dir):
+    ck = load_checkpoint(latest_checkpoint(run_dir))
+    return ck["proxy"], ck["rater"], ck["step"]
+
+
+@pytest.mark.parametrize("estimator", ["penalty", "reference", "lookahead"])
+def test_run_writes_metrics_config_and_checkpoints(tiny_setup, estimator):
+    cfg = _cfg(tiny_setup, f"run_{estimator}", estimator=estimator)
+    summary = train_rater(cfg)
+    run = cfg.output.run_dir
+    assert summary["steps"] == 4 and summary["epochs"] == 2 and summary["nonfinite_steps"] == 0
+    assert json.loads((run / "config.json").read_text())["bilevel"]["estimator"] == estimator
+    ck = load_checkpoint(latest_checkpoint(run))
+    assert ck["config"]["bilevel"]["estimator"] == estimator and ck["step"] == 4
+    assert len(list((run / "checkpoints").iterdir())) <= cfg.output.keep_last
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["gamma"] for r in recs] == [1.0, 1.0, 0.5, 0.5]
+    assert all(abs(r["group_scalar"] - 0.5) < 0.5 for r in recs)
+    assert recs[-1]["L_val"] < 2 * torch.log(torch.tensor(32.0)).item()
+
+
+def test_resume_after_crash_gives_same_weights(tiny_setup, monkeypatch):
+    straight = _cfg(tiny_setup, "straight", ep=3)
+    train_rater(straight)
+    from alchemist.bilevel import trainer as trainer_mod
+
+    real_step, calls = trainer_mod.BilevelTrainer.train_step, {"n": 0}
+
+    def crashing(self, *a):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt("simulated kill")
+        return real_step(self, *a)
+
+    crashed = _cfg(tiny_setup, "crashed", ep=3)
+    monkeypatch.setattr(trainer_mod.BilevelTrainer, "train_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_rater(crashed)
+    assert _weights(crashed.output.run_dir)[2] == 3  # the step-3 checkpoint survived the kill
+    monkeypatch.setattr(trainer_mod.BilevelTrainer, "train_step", real_step)
+    train_rater(crashed)
+    a, b = _weights(straight.output.run_dir), _weights(crashed.output.run_dir)
+    assert a[2] == b[2] == 6
+    for x, y in ((a[0], b[0]), (a[1], b[1])):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_with_checkpoint(tiny_setup, monkeypatch):
+    real = Proxy.per_sample_loss
+    monkeypatch.setattr(Proxy, "per_sample_loss", lambda self, b: real(self, b) * float("nan"))
+    cfg = _cfg(tiny_setup, "nan", max_nonfinite=2, save_every=100)
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
+        train_rater(cfg)
+    assert latest_checkpoint(cfg.output.run_dir) is not None
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_two_gloo_processes_keep_identical_replicas(tiny_setup, tmp_path):
+    cfg = _cfg(tiny_setup, "ddp")
+    over = [f"--{k}={v}" for k, v in {
+        "train_csv_path": cfg.data.train_csv_path, "val_csv_path": cfg.data.val_csv_path, "image_size": 16,
+        "num_workers": 0, "patch_size": 4, "patch_nums": "1,2,4", "vocab_size": 32, "Cvae": 8, "vae_ch": 32,
+        "vae_ch_mult": "1,2,2", "ckpt_path": str(tiny_setup), "vae_ckpt": "tok.pt", "text_max_len": 16, "text_enc_path": "",
+        "depth": 1, "raterDepth": 1, "bs": 8, "ep": 1, "fp16": 0, "local_out_dir_path": str(tmp_path),
+        "exp_name": "ddp", "progress": False}.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                           str(ROOT / "train_rater.py"), *over], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp/summary.json").read_text())
+    assert summary["processes"] == 2 and summary["replica_spread"] == 0.0
+    assert summary["steps"] == 2  # 16 val rows, 4 per rank per step
+    assert (tmp_path / "ddp/skipped_rank1.csv").exists()

@@ -1,0 +1,99 @@
+import pytest
+import torch
+
+from alchemist.config import ModelConfig
+from alchemist.models.batch import TextFeatures, TokenBatch
+from alchemist.models.rater import Rater
+
+PATCH_NUMS = (1, 2, 3, 4)
+V, CVAE, D, L = 64, 8, 16, 30
+
+
+def make_batch(B=4, T=6):
+    lengths = torch.tensor([T - (i % 3) for i in range(B)])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    text = TextFeatures(torch.randn(B, T, D) * mask[..., None], mask, torch.randn(B, D))
+    return TokenBatch(torch.randint(0, V, (B, L)), torch.randn(B, L - 1, CVAE), text)
+
+
+def tiny_rater(**kw):
+    return Rater(2, CVAE, PATCH_NUMS, D, **kw)
+
+
+def test_from_config():
+    r = Rater.from_config(ModelConfig(raterDepth=2, Cvae=CVAE, patch_nums=PATCH_NUMS, group_head=False), D,
+                          double_softmax=True)
+    assert r.C == 128 and len(r.blocks) == 2 and r.group_head is None and r.double_softmax
+    assert r.attn_mask_LL is None  # bidirectional
+
+
+def test_instance_logit_is_batch_independent():
+    rater = tiny_rater()  # default drop_path 0: the score is deterministic in train mode too
+    batch = make_batch(4)
+    full = rater(batch).logit_B
+    alone = torch.cat([rater(batch.index([i])).logit_B for i in range(4)])
+    perm = torch.tensor([2, 0, 3, 1])
+    shuffled = rater(batch.index(perm)).logit_B
+    assert full.shape == (4,)
+    assert torch.allclose(full, alone, atol=1e-5)
+    assert torch.allclose(full[perm], shuffled, atol=1e-5)
+    # padded to a longer caption length in another batch: same score
+    longer = TextFeatures.cat([batch.text, TextFeatures(torch.randn(1, 9, D), torch.ones(1, 9, dtype=torch.bool),
+                                                        torch.randn(1, D))]).index(slice(0, 4))
+    padded = rater(TokenBatch(batch.idx_BL, batch.x_BLC, longer)).logit_B
+    assert torch.allclose(full, padded, atol=1e-5)
+
+
+def test_weights_are_softmax_of_sigmoid_times_group_scalar():
+    rater = tiny_rater()
+    out = rater(make_batch(6))
+    assert out.group_scalar.dim() == 0 and 0 < out.group_scalar < 1
+    assert torch.allclose(out.weight_B.sum(), out.group_scalar)
+    expected = torch.sigmoid(out.logit_B).softmax(0) * out.group_scalar
+    assert torch.allclose(out.weight_B, expected)
+    single = rater(make_batch(1))  # population variance of one sample is 0, not NaN
+    assert torch.isfinite(single.weight_B).all() and torch.allclose(single.weight_B.sum(), single.group_scalar)
+
+
+def test_group_scalar_depends_on_the_batch_and_has_gradients():
+    rater = tiny_rater()
+    batch = make_batch(6)
+    out = rater(batch)
+    assert not torch.allclose(out.group_scalar, rater(batch.index([0, 1, 2])).group_scalar)
+    out.weight_B[0].backward()
+    assert rater.group_head[0].weight.grad.abs().sum() > 0
+    assert rater.instance_head[0].weight.grad.abs().sum() > 0
+    assert rater.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_group_head_off_gives_unit_scalar():
+    out = tiny_rater(group_head=False)(make_batch(5))
+    assert out.group_scalar.dim() == 0 and out.group_scalar.item() == 1.0
+    assert torch.allclose(out.weight_B.sum(), torch.tensor(1.0))
+
+
+def test_double_softmax_flattens_the_weights():
+    torch.manual_seed(0)
+    single = tiny_rater()
+    double = tiny_rater(double_softmax=True)
+    double.load_state_dict(single.state_dict())
+    batch = make_batch(8)
+    w1, w2 = single(batch), double(batch)
+    assert torch.equal(w1.logit_B, w2.logit_B)
+    assert torch.allclose(w2.weight_B, w1.weight_B.softmax(0))
+    assert torch.allclose(w2.weight_B.sum(), torch.tensor(1.0))
+    # weights of a batch of B are already ~1/B, so the second softmax leaves ≈ 1/B ± O(1/B²)
+    assert (w2.weight_B - 1 / 8).abs().max() < (w1.weight_B - w1.weight_B.mean()).abs().max() + 1e-12
+    assert (w2.weight_B - 1 / 8).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_output_shapes(B):
+    out = tiny_rater()(make_batch(B))
+    assert out.logit_B.shape == out.weight_B.shape == (B,)
+
+
+def test_scores_stay_fp32_under_autocast():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tiny_rater()(make_batch(3))
+    assert out.logit_B.dtype == out.weight_B.dtype == out.group_scalar.dtype == torch.float32
