@@ -12,11 +12,12 @@ from alchemist.config import ConfigError, T2IConfig, save_config
 from alchemist.data.pairs import SkipLog, load_pairs
 from alchemist.data.sampler import Stream
 from alchemist.data.tokens import Featurizer
+from alchemist.evaluation.metrics import heldout_token_loss
 from alchemist.loop import TrainLoop
 from alchemist.models.batch import TokenBatch
 from alchemist.runtime import make_stream, resume_path, setup_runtime
 from alchemist.utils.checkpoint import load_checkpoint
-from alchemist.utils.dist import broadcast_params, is_dist
+from alchemist.utils.dist import broadcast_params
 from alchemist.utils.optim import build_optimizer, set_lr
 from alchemist.utils.schedule import lr_factor
 
@@ -74,26 +75,6 @@ class T2ITrainer(TrainLoop):
         self.train.epoch, self.train.used = ckpt["train_pos"]
 
 
-@torch.no_grad()
-def heldout_loss(proxy: nn.Module, featurize, stream: Stream) -> float:
-    """Mean per-token cross-entropy over the whole held-out stream (all ranks together)."""
-    was_training = proxy.training
-    proxy.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    stream.sampler.set_epoch(0)
-    for raw in stream.make_loader(stream.sampler):
-        batch = featurize(raw)
-        if batch is None:
-            continue
-        loss_BL = proxy.per_token_loss(batch)
-        total += torch.tensor([loss_BL.double().sum().item(), loss_BL.numel()], dtype=torch.float64)
-    if is_dist():
-        total = total.to(next(proxy.parameters()).device)
-        torch.distributed.all_reduce(total)
-    proxy.train(was_training)
-    return float(total[0] / total[1].clamp_min(1))
-
-
 def train_t2i(cfg: T2IConfig) -> dict[str, Any]:
     """Train the downstream model on ``data.train_csv_path``; evaluate on ``data.val_csv_path``."""
     rt = setup_runtime(cfg.optim.bs, cfg.seed)
@@ -107,8 +88,12 @@ def train_t2i(cfg: T2IConfig) -> dict[str, Any]:
     text_encoder = build_text_encoder(cfg.model, rt.device)
     proxy = build_proxy(cfg.model, text_encoder.width, rt.device)
     featurize = Featurizer(vqvae, text_encoder, rt.device)
-    trainer = T2ITrainer(cfg, proxy, featurize, train, lambda: {"heldout_loss": heldout_loss(proxy, featurize, val)},
-                         rt.device, rt.is_main, skip_log.extend)
+
+    def evaluate() -> dict[str, float]:
+        val.sampler.set_epoch(0)
+        return {"heldout_loss": heldout_token_loss(proxy, featurize, val.make_loader(val.sampler))}
+
+    trainer = T2ITrainer(cfg, proxy, featurize, train, evaluate, rt.device, rt.is_main, skip_log.extend)
     resume = resume_path(cfg.output)
     if resume is not None:
         trainer.load_state_dict(load_checkpoint(resume))

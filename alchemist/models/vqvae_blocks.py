@@ -11,11 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-NORM_GROUPS = 32
-
 
 def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=NORM_GROUPS, num_channels=channels, eps=1e-6, affine=True)
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
