@@ -177,7 +177,7 @@ def _shard_frame(rater: Rater, lo: int, ids: np.ndarray, rows: np.ndarray, p_NC:
     with torch.autocast("cpu" if p_NC is None else p_NC.device.type, enabled=False):
         for b in np.unique(batch_of_row):
             sel = np.flatnonzero(batch_of_row == b)
-            out = rater._heads(p_NC[torch.from_numpy(sel).to(p_NC.device)])
+            out = rater.heads(p_NC[torch.from_numpy(sel).to(p_NC.device)])
             logit[sel] = out.logit_B.double().cpu().numpy()
             official[sel] = out.weight_B.double().cpu().numpy()
     bad_rows = np.array(sorted(bad), dtype=np.int64)

@@ -42,12 +42,13 @@ def train_tokenizer(cfg: RaterConfig, out: Path, steps: int) -> None:
     """The demo's own tokenizer: no pretrained VQ weights exist offline."""
     m = cfg.model
     table = load_pairs(cfg.data.train_csv_path, cfg.data)
-    loader = DataLoader(PairsDataset(table, cfg.data.image_size), batch_size=64, shuffle=True,
+    loader = DataLoader(PairsDataset(table, cfg.data.image_size), batch_size=16, shuffle=True,
                         num_workers=cfg.data.num_workers, collate_fn=collate_pairs, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     torch.manual_seed(cfg.seed)
-    vq = VQVAE(vocab_size=m.vocab_size, z_channels=m.Cvae, ch=m.vae_ch, ch_mult=m.vae_ch_mult, patch_nums=m.patch_nums)
-    stats = train_vqvae(vq, loader, steps=steps, lr=1e-3, out_path=out, seed=cfg.seed)
+    vq = VQVAE(vocab_size=m.vocab_size, z_channels=m.Cvae, ch=m.vae_ch, ch_mult=m.vae_ch_mult, patch_nums=m.patch_nums,
+               num_res_blocks=1)
+    stats = train_vqvae(vq, loader, steps=steps, lr=2e-3, out_path=out, seed=cfg.seed)
     print(f"tokenizer: recon MSE {stats['recon_mse']:.4f}, codebook usage {stats['usage']:.0%}, "
           f"perplexity {stats['perplexity']:.0f} -> {out}")
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer-steps", type=int, default=800)
+    ap.add_argument("--tokenizer-steps", type=int, default=300)
     ap.add_argument("--retention", type=float, default=0.5)
     args, overrides = ap.parse_known_args(argv)
     out = Path(args.out)

@@ -58,9 +58,9 @@ class Rater(ScaleTransformer):
     def forward(self, batch: TokenBatch) -> RaterOutput:
         p_BC = self.pooled(batch)
         with torch.autocast(p_BC.device.type, enabled=False):  # fp32 heads: bf16 scores would tie in a ranking
-            return self._heads(p_BC)
+            return self.heads(p_BC)
 
-    def _heads(self, p_BC: Tensor) -> RaterOutput:
+    def heads(self, p_BC: Tensor) -> RaterOutput:
         logit_B = self.instance_head(p_BC).squeeze(-1)
         weight_B = torch.sigmoid(logit_B).softmax(dim=0)
         if self.group_head is None:
