@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import os
 import typing
@@ -131,6 +132,7 @@ class BilevelConfig:
     fix_proxy: bool = False  # keep a pretrained proxy frozen (official `fixVar`)
     lookahead_eta: float = 1.0  # inner step size in the one-step meta-gradient
     lookahead_eps: float = 1e-2  # central-difference step: theta +- (eps / |v|) * v
+    center: bool = True  # centre the rule's coefficients on their batch mean (keeps the group head alive)
     official_scale: bool = False  # proxy train term (1/B)·Σ softmax·l as in the official code;
     # default: weights rescaled to mean 1 so the train term is a weighted average of the losses
 
@@ -212,8 +214,10 @@ def _check(ok: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+@functools.lru_cache(maxsize=None)
 def _leaves(cls: type, prefix: str = "") -> dict[str, type]:
-    """Dotted path -> annotated type for every leaf field of a config tree."""
+    """Dotted path -> annotated type for every leaf field of a config tree (cached: resolving
+    type hints is slow and every key lookup needs them)."""
     out: dict[str, type] = {}
     for f in dataclasses.fields(cls):
         tp = typing.get_type_hints(cls)[f.name]

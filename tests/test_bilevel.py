@@ -90,6 +90,25 @@ def test_penalty_gradient_is_softmax_analytic_form():
     assert torch.allclose(s_B.grad, g * wd * (l_B - (wd * l_B).sum()), rtol=1e-12, atol=1e-14)
 
 
+def test_centering_keeps_instance_gradient_and_frees_the_group_scalar():
+    """Centred and official penalty give the same instance gradient; only the group scalar's differs:
+    always positive uncentred (g is pushed to 0), of either sign centred."""
+    l_B = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    grads = {}
+    for center in (False, True):
+        s_B = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64, requires_grad=True)
+        g = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+        out = RaterOutput(s_B, torch.softmax(s_B, 0) * g, g)
+        est = Penalty()
+        est.center = center
+        est.rater_loss(StepContext(None, None, None, out, l_B, None, None, None)).backward()
+        grads[center] = (s_B.grad.clone(), g.grad.item())
+    assert torch.allclose(grads[False][0], grads[True][0], rtol=1e-12)
+    w = torch.softmax(torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64), 0)
+    assert grads[False][1] == pytest.approx((w * l_B).sum().item()) and grads[False][1] > 0
+    assert grads[True][1] == pytest.approx((w * (l_B - l_B.mean())).sum().item())
+
+
 def test_lookahead_equals_finite_difference_of_val_loss_after_sgd_step():
     """dL_val(θ - η Σ_i w_i ∇l_i(θ)) / dw_i  ==  -η c_i  (brute force in w, float64)."""
     torch.manual_seed(0)

@@ -1,0 +1,162 @@
+"""The selection experiment end to end on a tiny demo: every arm trains and is measured, subsets have
+exactly the requested sizes, seeds vary the sampled arms only, the results table and figure are
+written, and a rerun retrains nothing."""
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from alchemist.build import build_rater, build_text_encoder
+from alchemist.config import ConfigError, RaterConfig, config_to_dict, load_config
+from alchemist.data.demo import DemoSpec, generate_demo
+from alchemist.evaluation import experiment as ex
+from alchemist.models.vqvae import VQVAE
+from alchemist.ratings import read_ratings
+from alchemist.scoring import rate_file
+from alchemist.selection import n_select
+
+ROOT = Path(__file__).resolve().parents[1]
+GEOMETRY = {"image_size": 16, "patch_size": 4, "patch_nums": "1,2,4", "vocab_size": 32, "Cvae": 8, "vae_ch": 32,
+            "vae_ch_mult": "1,2,2", "text_max_len": 16, "text_enc_path": "", "fp16": 0, "num_workers": 0}
+T2I = tuple(f"--{k}={v}" for k, v in {**GEOMETRY, "bs": 4, "progress": False, "log_every": 1}.items())
+N_TRAIN = 80
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """runs/demo in miniature: data, a random tokenizer, a random rater's ratings, one 'rule'."""
+    root = tmp_path_factory.mktemp("experiment")
+    generate_demo(root / "data", DemoSpec(n_train=N_TRAIN, n_val=16, image_size=16, seed=0))
+    torch.manual_seed(0)
+    kw = dict(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 4))
+    torch.save({"state_dict": VQVAE(**kw).state_dict(), "config": kw}, root / "tokenizer.pt")
+    cfg = load_config(RaterConfig, ROOT / "configs/config_rater.json",
+                      {**GEOMETRY, "ckpt_path": str(root), "vae_ckpt": "tokenizer.pt", "depth": 1, "raterDepth": 1})
+    rater = build_rater(cfg.model, build_text_encoder(cfg.model, torch.device("cpu")).width, torch.device("cpu"))
+    ckpt = root / "rater/checkpoints/step_00000001.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"rater": rater.state_dict(), "config": config_to_dict(cfg), "step": 1}, ckpt)
+    rate_file(root / "rater", root / "data/train.csv", root / "ratings.parquet", progress=False)
+    (root / "rules/penalty").mkdir(parents=True)
+    shutil.copy(root / "ratings.parquet", root / "rules/penalty/ratings.parquet")
+    return root
+
+
+@pytest.fixture(scope="module")
+def quick(demo):
+    cfg = ex.quick_config(demo=str(demo), t2i_overrides=T2I, seeds=(0, 1))
+    return cfg, ex.run_experiment(cfg, command="pytest", progress=False)
+
+
+def test_every_arm_trains_and_is_measured(quick):
+    cfg, res = quick
+    names = [a["arm"] for a in res["arms"]]
+    heur = res["heuristics"]["trained"]
+    assert len(heur) == 1 and heur[0] in ex.HEURISTIC_CANDIDATES
+    assert names == ["full", "random_50", "shift_gsample_50", "topk_50", f"{heur[0]}_50", "random_20",
+                     "shift_gsample_20"]
+    assert len(res["runs"]) == len(names) * 2
+    for r in res["runs"]:
+        for key in ("heldout_loss", "geneval", "geneval_all_correct", "fid_lite"):
+            assert math.isfinite(r[key]), (r["arm"], key, r[key])
+        assert r["epochs"] == 1 and [p["epoch"] for p in r["curve"]] == [1] and r["n_generated"] == 8
+        assert r["steps"] == r["train_rows"] // 4 and r["train_seed"] == r["seed"]
+    for a in res["arms"]:
+        assert a["n_seeds"] == 2 and math.isfinite(a["heldout_loss"]["mean"]) and a["heldout_loss"]["std"] >= 0
+    saved = json.loads((cfg.out_dir / "results.json").read_text())
+    assert [a["arm"] for a in saved["arms"]] == names
+
+
+def test_subsets_have_the_requested_sizes_and_seeds_vary_only_the_sampled_arms(quick, demo):
+    cfg, res = quick
+    rated = read_ratings(demo / "ratings.parquet")
+    ids = {(r["arm"], r["seed"]): pd.read_csv(r["subset"], dtype=str)["id"] for r in res["runs"]}
+    for (arm, seed), sub in ids.items():
+        retention = next(a["retention"] for a in res["arms"] if a["arm"] == arm)
+        assert len(sub) == sub.nunique() == (N_TRAIN if arm == "full" else n_select(N_TRAIN, retention))
+        assert set(sub) <= set(rated["id"])
+        assert pd.read_csv(res["runs"][0]["subset"]).columns.tolist()[:3] == ["id", "image_path", "caption"]
+    for arm in ("random_50", "shift_gsample_50", "random_20", "shift_gsample_20"):
+        assert set(ids[(arm, 0)]) != set(ids[(arm, 1)]), arm  # selection seed varies with the run seed
+    for arm in ("full", "topk_50", f"{res['heuristics']['trained'][0]}_50"):
+        assert set(ids[(arm, 0)]) == set(ids[(arm, 1)]), arm  # deterministic selections
+    assert set(ids[("random_50", 0)]) != set(ids[("shift_gsample_50", 0)])
+    assert set(ids[("topk_50", 0)]) == set(rated["id"][:N_TRAIN // 2])
+    head = set(rated["id"][:N_TRAIN // 4])  # Shift-Gsample 50 % drops the top quarter first
+    assert not head & set(ids[("shift_gsample_50", 0)]) and not head & set(ids[("shift_gsample_50", 1)])
+    runs = {(r["arm"], r["seed"]): r for r in res["runs"]}
+    assert runs[("random_50", 1)]["selection_seed"] == 1 and runs[("topk_50", 1)]["selection_seed"] is None
+
+
+def test_results_section_figure_and_planted_tables(quick):
+    cfg, res = quick
+    doc = cfg.doc_path.read_text()
+    assert doc.count(ex.SECTION_START) == 1 and doc.count(ex.SECTION_END) == 1
+    for a in res["arms"]:
+        assert f"| {a['label']} |" in doc
+    assert "`pytest`" in doc and "mean ± std over 2 seeds" in doc and "rule `penalty`" in doc
+    ref = res["reference"]  # 16 val images: 8 prompts' own and 8 more for the FID-lite floor
+    assert ref["n"] == 8 and math.isfinite(ref["geneval"]) and math.isfinite(ref["fid_lite"])
+    assert "real val images (reference, 8)" in doc
+    assert cfg.figure_path.is_file() and cfg.figure_path.stat().st_size > 10_000
+    assert set(res["planted"]) == {"rater", "rule:penalty", *ex.HEURISTIC_CANDIDATES}
+    for q in res["planted"].values():
+        assert all(0.0 <= v <= 1.0 for v in q["auroc"].values()) and set(q["auroc"]) <= set(ex.DEFECT_KINDS)
+        assert all(abs(sum(row) - 1.0) < 1e-9 for row in q["deciles"].values())
+    for a in res["arms"]:
+        assert abs(sum(a["composition"].values()) - 1.0) < 1e-9
+
+
+def test_rerun_trains_nothing_and_replaces_the_section(quick, demo):
+    cfg, res = quick
+    again = ex.run_experiment(cfg, command="pytest again", progress=False)
+    assert not any(r["trained_now"] for r in again["runs"])
+    assert [r["heldout_loss"] for r in again["runs"]] == [r["heldout_loss"] for r in res["runs"]]
+    assert [r["fid_lite"] for r in again["runs"]] == [r["fid_lite"] for r in res["runs"]]
+    doc = cfg.doc_path.read_text()
+    assert doc.count(ex.SECTION_START) == 1 and "`pytest again`" in doc and "`pytest`" not in doc
+
+    # a run killed after its last checkpoint but before its summary: resumed, not retrained from scratch
+    run = Path(res["runs"][0]["run_dir"])
+    (run / "summary.json").unlink()
+    third = ex.run_experiment(cfg, command="pytest", progress=False)
+    assert [r["trained_now"] for r in third["runs"]] == [True] + [False] * (len(res["runs"]) - 1)
+    assert third["runs"][0]["heldout_loss"] == res["runs"][0]["heldout_loss"]
+    assert third["runs"][0]["steps"] == res["runs"][0]["steps"]
+
+
+def test_a_run_folder_of_another_config_is_refused(quick):
+    cfg, _ = quick
+    other = ex.quick_config(demo=cfg.demo, t2i_overrides=T2I + ("--tlr=0.01",), seeds=(0,))
+    with pytest.raises(ConfigError, match="another config"):
+        ex.run_experiment(other, progress=False)
+    with pytest.raises(ConfigError, match="set by the experiment"):
+        ex.base_t2i_config(ex.quick_config(demo=cfg.demo, t2i_overrides=T2I + ("--ep=3",)))
+
+
+def test_mean_std_and_doc_section_replacement(tmp_path):
+    assert ex.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert ex.mean_std([2.0]) == (2.0, 0.0)
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nkeep me\n")
+    ex.write_doc_section(doc, f"{ex.SECTION_START}\none\n{ex.SECTION_END}\n")
+    ex.write_doc_section(doc, f"{ex.SECTION_START}\ntwo\n{ex.SECTION_END}\n")
+    text = doc.read_text()
+    assert "keep me" in text and "two" in text and "one" not in text and text.count(ex.SECTION_START) == 1
+
+
+def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("selection_experiment", ROOT / "scripts/selection_experiment.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert cli.main(["--demo", str(tmp_path / "nope"), "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "does not exist" in err and "\n" not in err
+    assert cli.main(["--demo", str(tmp_path), "--quick", "--seeds", "1,1"]) == 2
+    assert "distinct" in capsys.readouterr().err
