@@ -54,8 +54,10 @@ def step_seconds(cfg: RaterConfig, steps: int = 8) -> tuple[float, float]:
                              featurize, streams[1], streams[0], rt.device, is_main=False)
     bilevel = _median_seconds(lambda: trainer.train_step(train_b, val_b), steps)
 
-    def plain():
-        trainer.optimizer_step(proxy, trainer.opt_proxy, proxy.per_sample_loss(train_b).mean(), trainer.scalers[0])
+    def plain():  # same precision as the bilevel step's proxy update
+        with trainer.autocast():
+            loss = proxy.per_sample_loss(train_b).float().mean()
+        trainer.optimizer_step(proxy, trainer.opt_proxy, loss, trainer.scalers[0])
     return bilevel, _median_seconds(plain, steps)
 
 
