@@ -98,18 +98,19 @@ class ResidualQuantizer(nn.Module):
         if (H, W) != (self.patch_nums[-1],) * 2:
             raise ValueError(f"latent is {H}x{W} but the last patch_num is {self.patch_nums[-1]}: the image size must "
                              f"be patch_nums[-1] x the tokenizer's downsampling factor")
-        f_rest = f_BChw.detach()
+        f_rest = f_BChw.detach().float()
         f_hat = torch.zeros_like(f_rest)
         idx_Bl, fhat_per_scale, z_NCs = [], [], []
-        for si, pn in enumerate(self.patch_nums):
-            z_NC = self._down(f_rest, si).permute(0, 2, 3, 1).reshape(-1, C)
-            idx_N = self.nearest(z_NC)
-            h_BChw = self._h_full(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si)
-            f_hat = f_hat + h_BChw
-            f_rest = f_rest - h_BChw.detach()
-            idx_Bl.append(idx_N.view(B, pn * pn))
-            fhat_per_scale.append(f_hat)
-            z_NCs.append(z_NC)
+        with torch.autocast(f_rest.device.type, enabled=False):  # token choice in fp32, as VAR
+            for si, pn in enumerate(self.patch_nums):
+                z_NC = self._down(f_rest, si).permute(0, 2, 3, 1).reshape(-1, C)
+                idx_N = self.nearest(z_NC)
+                h_BChw = self._h_full(self.embedding(idx_N.view(B, pn, pn)).permute(0, 3, 1, 2), si)
+                f_hat = f_hat + h_BChw
+                f_rest = f_rest - h_BChw.detach()
+                idx_Bl.append(idx_N.view(B, pn * pn))
+                fhat_per_scale.append(f_hat)
+                z_NCs.append(z_NC)
         return QuantOutput(idx_Bl, fhat_per_scale, torch.cat(z_NCs))
 
     def idxBl_to_fhat(self, idx_Bl: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -136,7 +137,8 @@ class ResidualQuantizer(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, f_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, QuantOutput]:
         """Training path → (straight-through f̂, VQ loss, hits per scale (K, V), quantiser output)."""
-        q = self.residual_quantize(f_BChw.float())
+        q = self.residual_quantize(f_BChw)
+        f_BChw = f_BChw.float()
         f_detached = f_BChw.detach()
         vq_loss = sum(self.beta * F.mse_loss(fh.detach(), f_BChw) + F.mse_loss(fh, f_detached)
                       for fh in q.fhat_per_scale) / len(self.patch_nums)
@@ -154,7 +156,7 @@ class ResidualQuantizer(nn.Module):
 
     @torch.no_grad()
     def usages(self, batch_size: int) -> list[float]:
-        """Per scale: fraction of codes whose EMA hit count is ≥ 8% of a uniform share (VAR's margin rule)."""
+        """Per scale: fraction of codes whose EMA hit count is ≥ 8 % of a uniform share of B·pn² tokens."""
         return [(self.ema_vocab_hit_SV[si] >= 0.08 * batch_size * pn * pn / self.vocab_size).float().mean().item()
                 for si, pn in enumerate(self.patch_nums)]
 
@@ -260,7 +262,7 @@ def load_vqvae(path: str | Path, **model_kwargs) -> VQVAE:
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:300]
         raise ValueError(f"{path} does not fit a VQVAE built with {kwargs or 'the default VAR config'}; pass the "
                          f"matching vocab_size / z_channels / ch / ch_mult ({first})") from None
     return model.eval().requires_grad_(False)
