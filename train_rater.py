@@ -1,29 +1,20 @@
-"""Train the rater jointly with the proxy (bilevel).  python train_rater.py --config configs/config_rater.json [--key=value ...]"""
+"""Train the rater jointly with the proxy (bilevel).
+
+python train_rater.py --config configs/config_rater.json [--key=value ...]
+"""
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from alchemist.config import ConfigError, RaterConfig, load_config
-from alchemist.data.pairs import DataError
+from alchemist.cli import config_main
+from alchemist.config import RaterConfig
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, epilog="Any config key can be overridden: --bs=32 --model.depth=8")
-    ap.add_argument("--config", default="configs/config_rater.json")
-    args, overrides = ap.parse_known_args(argv)
-    try:
-        cfg = load_config(RaterConfig, args.config, overrides)
-        from alchemist.bilevel.launch import train_rater
+def run(cfg: RaterConfig) -> dict:
+    from alchemist.bilevel.launch import train_rater  # heavy imports after the config is valid
 
-        summary = train_rater(cfg)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
+    return train_rater(cfg)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(config_main(__doc__, RaterConfig, "configs/config_rater.json", run))

@@ -257,27 +257,6 @@ def test_inception_errors(tmp_path):
         InceptionFeatures(tmp_path / "junk.pt", model=TinyInception())
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    path = tmp_path_factory.mktemp("tiny_clip")
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
-    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=40, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    CLIPModel(cfg).save_pretrained(path)
-    return path
-
-
 def test_clip_score_from_local_dir(tiny_clip, tmp_path):
     img = torch.rand(5, 3, 32, 32) * 2 - 1
     caps = ["a red circle", "two blue squares", "a cross", "three small diamonds", "a plain background"]

@@ -85,27 +85,6 @@ def test_otsu_lands_between_the_modes():
 
 # ----------------------------------------------------------------------------- CLIP / aesthetic
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    from tokenizers import pre_tokenizers
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    path = tmp_path_factory.mktemp("tiny_clip")
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
-    CLIPTokenizer(vocab=vocab, merges=[]).save_pretrained(path)
-    torch.manual_seed(0)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=40, bos_token_id=0, eos_token_id=1,
-                         pad_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    CLIPModel(cfg).save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def mlp_file(tmp_path_factory) -> Path:
     dims = [(16, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]
     g = torch.Generator().manual_seed(0)
