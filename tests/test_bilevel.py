@@ -255,3 +255,31 @@ def test_two_gloo_processes_keep_identical_replicas(tiny_setup, tmp_path):
     assert summary["processes"] == 2 and summary["replica_spread"] == 0.0
     assert summary["steps"] == 2  # 16 val rows, 4 per rank per step
     assert (tmp_path / "ddp/skipped_rank1.csv").exists()
+
+
+@pytest.mark.parametrize("estimator", ["penalty", "lookahead"])
+def test_rater_scores_noise_below_clean_after_a_short_run(tmp_path, estimator):
+    """Behaviour: on demo data with planted defects, the rater learns to score noise images lower.
+    Measured here (seeded): penalty noise 0.087 < clean 0.126; lookahead -0.105 < 1.235.
+    ``reference`` is left out: in this 12-step run its reference proxy has barely trained and it
+    ranks noise above clean (0.81 vs -0.30); on the full demo it reaches noise AUROC 0.705
+    (docs/bilevel.md reports all three rules)."""
+    import pandas as pd
+
+    from alchemist.ratings import read_ratings
+    from alchemist.scoring import rate_file
+
+    root = tmp_path
+    generate_demo(root / "data", DemoSpec(n_train=96, n_val=32, image_size=16, seed=1, rate_noise=0.25,
+                                          rate_plain=0.0, rate_misaligned=0.0, rate_duplicate=0.0, rate_blurred=0.0))
+    torch.manual_seed(0)
+    kw = dict(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=PATCH_NUMS)
+    torch.save({"state_dict": VQVAE(**kw).state_dict(), "config": kw}, root / "tok.pt")
+    cfg = _cfg(root, "behaviour", estimator=estimator, ep=6, bs=16, tlr=3e-3, rater_lr=3e-3, save_every=1000,
+               caption_dropout=0.0)
+    train_rater(cfg)
+    rate_file(cfg.output.run_dir, root / "data/train.csv", root / "ratings.parquet", progress=False)
+    kinds = pd.read_csv(root / "data/defects.csv", dtype={"id": str}).set_index("id")["kind"]
+    ratings = read_ratings(root / "ratings.parquet")
+    by_kind = ratings.assign(kind=ratings["id"].map(kinds)).groupby("kind")["score"].mean()
+    assert by_kind["noise"] < by_kind["clean"], by_kind
