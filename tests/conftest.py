@@ -11,6 +11,16 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def free_port() -> int:
+    """A port no one listens on now, for the rendezvous of multi-process tests (runs may overlap)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -239,7 +239,7 @@ def test_nonfinite_losses_are_skipped_then_stop_with_checkpoint(tiny_setup, monk
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_two_gloo_processes_keep_identical_replicas(tiny_setup, tmp_path):
+def test_two_gloo_processes_keep_identical_replicas(tiny_setup, tmp_path, free_port):
     cfg = _cfg(tiny_setup, "ddp")
     over = [f"--{k}={v}" for k, v in {
         "train_csv_path": cfg.data.train_csv_path, "val_csv_path": cfg.data.val_csv_path, "image_size": 16,
@@ -248,7 +248,7 @@ def test_two_gloo_processes_keep_identical_replicas(tiny_setup, tmp_path):
         "depth": 1, "raterDepth": 1, "bs": 8, "ep": 1, "fp16": 0, "local_out_dir_path": str(tmp_path),
         "exp_name": "ddp", "progress": False}.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
                            str(ROOT / "train_rater.py"), *over], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp/summary.json").read_text())

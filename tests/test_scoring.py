@@ -1,6 +1,5 @@
 """Scoring: batch-independent scores, 1 vs 2 processes, resume after a crash, skipped rows reported."""
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -162,13 +161,7 @@ def test_resume_after_crash_loses_only_the_shard_in_flight(setup, tmp_path, monk
 
 
 # ----------------------------------------------------------------------------- CLI, one and two processes
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_cli_one_and_two_processes_write_identical_ratings(setup, tmp_path, capsys):
+def test_cli_one_and_two_processes_write_identical_ratings(setup, tmp_path, capsys, free_port):
     args = ["--ckpt", str(setup["root"] / "run"), "--csv", str(setup["root"] / "data/pairs.csv"),
             "--bs", "5", "--shard-rows", "8", "--num-workers", "0", "--no-progress"]
     assert infer_rater.main(args + ["--out", str(tmp_path / "one.csv")]) == 0
@@ -177,7 +170,7 @@ def test_cli_one_and_two_processes_write_identical_ratings(setup, tmp_path, caps
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           f"--master_port={_free_port()}", str(ROOT / "infer_rater.py"), *args,
+                           f"--master_port={free_port}", str(ROOT / "infer_rater.py"), *args,
                            "--out", str(tmp_path / "two.csv")], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("rated 28 pairs") == 1  # only rank 0 merges
