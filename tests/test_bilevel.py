@@ -283,3 +283,32 @@ def test_rater_scores_noise_below_clean_after_a_short_run(tmp_path, estimator):
     ratings = read_ratings(root / "ratings.parquet")
     by_kind = ratings.assign(kind=ratings["id"].map(kinds)).groupby("kind")["score"].mean()
     assert by_kind["noise"] < by_kind["clean"], by_kind
+
+
+def test_training_from_feature_cache_matches_raw_images(tiny_setup, monkeypatch):
+    """scripts/precompute.py's cache gives the trainer the same batches (ids, dropout, skips)."""
+    from alchemist.build import build_text_encoder, build_tokenizer
+    from alchemist.data.cache import CacheDataset, build_cache
+    from alchemist.data.pairs import PairsDataset, load_pairs
+
+    raw = _cfg(tiny_setup, "from_raw")
+    cached = _cfg(tiny_setup, "from_cache", cache_dir=str(tiny_setup / "cache"))
+    vq, text = build_tokenizer(raw.model, torch.device("cpu")), build_text_encoder(raw.model, torch.device("cpu"))
+    for split, path in (("train", raw.data.train_csv_path), ("val", raw.data.val_csv_path)):
+        build_cache(load_pairs(path, raw.data), tiny_setup / "cache" / split, vq, text, 16, shard_size=16,
+                    dtype="float32", progress=False)
+    train_rater(raw)
+    reads = {"cache": 0}
+    real_get = CacheDataset.__getitem__
+
+    def counting_get(self, i):
+        reads["cache"] += 1
+        return real_get(self, i)
+
+    monkeypatch.setattr(CacheDataset, "__getitem__", counting_get)
+    monkeypatch.setattr(PairsDataset, "__getitem__", lambda self, i: pytest.fail("read an image despite the cache"))
+    train_rater(cached)
+    assert reads["cache"] >= 4 * 2 * 8  # 4 steps of 8 train + 8 val items
+    (pa, ra, _), (pb, rb, _) = _weights(raw.output.run_dir), _weights(cached.output.run_dir)
+    for x, y in ((pa, pb), (ra, rb)):
+        assert all(torch.allclose(x[k], y[k], atol=1e-5, rtol=1e-4) for k in x)
