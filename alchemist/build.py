@@ -49,3 +49,15 @@ def build_proxy(mcfg: ModelConfig, text_dim: int, device: torch.device) -> Proxy
 
 def build_rater(mcfg: ModelConfig, text_dim: int, device: torch.device, double_softmax: bool = False) -> Rater:
     return Rater.from_config(mcfg, text_dim, double_softmax=double_softmax).to(device)
+
+
+def train_tokenizer_for(mcfg: ModelConfig, table_path: str | Path, out: str | Path, steps: int, seed: int = 0,
+                        workers: int = 0) -> dict:
+    """Train, from scratch on a pairs table, the tokenizer a config's geometry asks for (no pretrained VQ
+    weights exist offline); one residual block per level keeps it to CPU minutes. Resumes from `out`."""
+    from alchemist.models.vqvae_train import train_vqvae_on_pairs
+
+    torch.manual_seed(seed)
+    vq = VQVAE(vocab_size=mcfg.vocab_size, z_channels=mcfg.Cvae, ch=mcfg.vae_ch, ch_mult=mcfg.vae_ch_mult,
+               patch_nums=mcfg.patch_nums, num_res_blocks=1)
+    return train_vqvae_on_pairs(vq, table_path, steps, bs=16, lr=2e-3, out_path=out, workers=workers, seed=seed)

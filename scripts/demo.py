@@ -13,16 +13,12 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
-from torch.utils.data import DataLoader
 
 from alchemist.bilevel.launch import train_rater
+from alchemist.build import train_tokenizer_for
 from alchemist.config import RaterConfig, load_config
 from alchemist.data.demo import DemoSpec, format_summary, generate_demo
-from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
 from alchemist.evaluation.planted import format_kind_report, kind_report
-from alchemist.models.vqvae import VQVAE
-from alchemist.models.vqvae_train import train_vqvae
 from alchemist.plots import plot_rank_bands, plot_selection
 from alchemist.ratings import read_ratings, write_ratings
 from alchemist.scoring import rate_file
@@ -40,15 +36,7 @@ def done(t: float) -> None:
 
 def train_tokenizer(cfg: RaterConfig, out: Path, steps: int) -> None:
     """The demo's own tokenizer: no pretrained VQ weights exist offline."""
-    m = cfg.model
-    table = load_pairs(cfg.data.train_csv_path, cfg.data)
-    loader = DataLoader(PairsDataset(table, cfg.data.image_size), batch_size=16, shuffle=True,
-                        num_workers=cfg.data.num_workers, collate_fn=collate_pairs, drop_last=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    torch.manual_seed(cfg.seed)
-    vq = VQVAE(vocab_size=m.vocab_size, z_channels=m.Cvae, ch=m.vae_ch, ch_mult=m.vae_ch_mult, patch_nums=m.patch_nums,
-               num_res_blocks=1)
-    stats = train_vqvae(vq, loader, steps=steps, lr=2e-3, out_path=out, seed=cfg.seed)
+    stats = train_tokenizer_for(cfg.model, cfg.data.train_csv_path, out, steps, cfg.seed, cfg.data.num_workers)
     print(f"tokenizer: recon MSE {stats['recon_mse']:.4f}, codebook usage {stats['usage']:.0%}, "
           f"perplexity {stats['perplexity']:.0f} -> {out}")
 
@@ -59,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer-steps", type=int, default=300)
+    ap.add_argument("--tokenizer-steps", type=int, default=800)
     ap.add_argument("--retention", type=float, default=0.5)
     args, overrides = ap.parse_known_args(argv)
     out = Path(args.out)

@@ -3,6 +3,7 @@
 
 Offline there are no pretrained tokenizer weights; this makes one, e.g. for the CPU demo:
     python scripts/train_tokenizer.py --csv runs/demo/data/train.csv --out runs/demo/tokenizer.pt
+The defaults are the demo's tokenizer (configs/demo_*.json): 32 px, an 8x8 latent, patch_nums 1,2,4,8.
 The checkpoint stores its constructor config, so `load_vqvae(out)` needs no arguments.
 """
 from __future__ import annotations
@@ -10,12 +11,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.utils.data import DataLoader
 
-from alchemist.config import DataConfig
-from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
 from alchemist.models.vqvae import VQVAE
-from alchemist.models.vqvae_train import train_vqvae
+from alchemist.models.vqvae_train import train_vqvae_on_pairs
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -27,15 +25,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--csv", required=True, help="pairs table with an image path column")
     ap.add_argument("--out", required=True, help="checkpoint file to write (metrics go to <out>.jsonl)")
     ap.add_argument("--image-size", type=int, default=None, help="default: last patch_num x downsampling")
-    ap.add_argument("--patch-nums", type=_ints, default=(1, 2, 3, 4))
+    ap.add_argument("--patch-nums", type=_ints, default=(1, 2, 4, 8))
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--cvae", type=int, default=16)
     ap.add_argument("--ch", type=int, default=32)
-    ap.add_argument("--ch-mult", type=_ints, default=(1, 2, 2, 2))
-    ap.add_argument("--num-res-blocks", type=int, default=2)
+    ap.add_argument("--ch-mult", type=_ints, default=(1, 2, 2))
+    ap.add_argument("--num-res-blocks", type=int, default=1)
     ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--bs", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--bs", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--recon", choices=("l2", "l1"), default="l2")
     ap.add_argument("--no-restart", action="store_true", help="disable dead-code restart")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
@@ -50,13 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
     if size != model.image_size:
         ap.error(f"--image-size {size} does not fit the tokenizer: patch_nums[-1] x 2^(len(ch_mult)-1) = "
                  f"{model.image_size}; change --image-size, --patch-nums or --ch-mult")
-    table = load_pairs(args.csv, DataConfig(train_csv_path=args.csv, image_size=size))
-    loader = DataLoader(PairsDataset(table, size), batch_size=args.bs, shuffle=True, drop_last=len(table) >= args.bs,
-                        num_workers=args.workers, collate_fn=collate_pairs,
-                        generator=torch.Generator().manual_seed(args.seed))
-    stats = train_vqvae(model, loader, steps=args.steps, lr=args.lr, device=args.device, out_path=args.out,
-                        recon=args.recon, restart_dead=not args.no_restart, seed=args.seed)
-    print(f"tokenizer: {len(table)} images, {args.steps} steps in {stats['time_s']:.0f}s; recon MSE "
+    stats = train_vqvae_on_pairs(model, args.csv, args.steps, bs=args.bs, lr=args.lr, out_path=args.out,
+                                 workers=args.workers, seed=args.seed, device=args.device, recon=args.recon,
+                                 restart_dead=not args.no_restart)
+    print(f"tokenizer: {stats['images']} images, {args.steps} steps in {stats['time_s']:.0f}s; recon MSE "
           f"{stats['recon_mse']:.4f}, codebook usage {stats['usage']:.0%}, perplexity {stats['perplexity']:.0f} "
           f"-> {args.out}")
     return stats

@@ -160,3 +160,26 @@ def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):
     assert err.startswith("error: ") and "does not exist" in err and "\n" not in err
     assert cli.main(["--demo", str(tmp_path), "--quick", "--seeds", "1,1"]) == 2
     assert "distinct" in capsys.readouterr().err
+
+
+def test_sample_grid_pairs_each_caption_with_its_own_image_and_is_seeded(quick, demo, monkeypatch, tmp_path):
+    from alchemist.data.pairs import PairsDataset, load_pairs
+    from alchemist.evaluation import samples
+
+    drawn = []
+    monkeypatch.setattr(samples, "plot_samples", lambda real, gen, captions, out, title: drawn.append(
+        (real, gen, captions)) or Path(out))
+    run = quick[1]["runs"][0]["run_dir"]
+    for seed in (0, 0, 1):
+        samples.sample_grid(run, demo / "data/val.csv", tmp_path / "g.png", n=3, k=2, seed=seed)
+    real, gen, captions = drawn[0]
+    assert gen.shape == (3, 2, 3, 16, 16) and len(set(captions)) == 3
+    table = load_pairs(demo / "data/val.csv", load_config(RaterConfig, None, {**GEOMETRY}).data)
+    ds = PairsDataset(table, 16)
+    for b, caption in enumerate(captions):
+        i = table.index[table["caption"] == caption][0]
+        assert torch.equal(real[b], ds[i]["img_3HW"])
+    assert torch.equal(gen, drawn[1][1]) and drawn[1][2] == captions
+    assert drawn[2][2] != captions or not torch.equal(gen, drawn[2][1])
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        samples.sample_grid(tmp_path, demo / "data/val.csv", tmp_path / "g.png")

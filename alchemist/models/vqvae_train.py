@@ -165,3 +165,20 @@ def train_vqvae(model: VQVAE, images: Iterable, steps: int, lr: float = 1e-3, de
     if out_path:
         save(final=True)
     return stats()
+
+
+def train_vqvae_on_pairs(model: VQVAE, table_path: str | Path, steps: int, *, bs: int = 16, lr: float = 2e-3,
+                         out_path: str | Path | None = None, workers: int = 0, seed: int = 0,
+                         device: str | torch.device = "cpu", **kw) -> dict[str, Any]:
+    """`train_vqvae` on the images of a pairs table (CSV/parquet) at the model's own image size."""
+    from torch.utils.data import DataLoader
+
+    from alchemist.config import DataConfig
+    from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
+
+    size = model.image_size
+    table = load_pairs(table_path, DataConfig(train_csv_path=str(table_path), image_size=size))
+    loader = DataLoader(PairsDataset(table, size), batch_size=bs, shuffle=True, drop_last=len(table) >= bs,
+                        num_workers=workers, collate_fn=collate_pairs, generator=torch.Generator().manual_seed(seed))
+    stats = train_vqvae(model, loader, steps=steps, lr=lr, device=device, out_path=out_path, seed=seed, **kw)
+    return {**stats, "images": len(table)}
