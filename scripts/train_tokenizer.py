@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from alchemist.models.vqvae import VQVAE
-from alchemist.models.vqvae_train import train_vqvae_on_pairs
+from alchemist.models.vqvae_train import reconstruction_mse, train_vqvae_on_pairs
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -23,6 +23,7 @@ def _ints(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--csv", required=True, help="pairs table with an image path column")
+    ap.add_argument("--val-csv", default="", help="held-out pairs table: report its reconstruction MSE at the end")
     ap.add_argument("--out", required=True, help="checkpoint file to write (metrics go to <out>.jsonl)")
     ap.add_argument("--image-size", type=int, default=None, help="default: last patch_num x downsampling")
     ap.add_argument("--patch-nums", type=_ints, default=(1, 2, 4, 8))
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"tokenizer: {stats['images']} images, {args.steps} steps in {stats['time_s']:.0f}s; recon MSE "
           f"{stats['recon_mse']:.4f}, codebook usage {stats['usage']:.0%}, perplexity {stats['perplexity']:.0f} "
           f"-> {args.out}")
+    if args.val_csv:
+        stats["val_mse"] = reconstruction_mse(model, args.val_csv, device=args.device)
+        print(f"held-out reconstruction MSE {stats['val_mse']:.4f} ({args.val_csv})")
     return stats
 
 

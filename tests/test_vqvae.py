@@ -207,3 +207,24 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path):
     assert "train_state" not in torch.load(out, weights_only=True)
     again = train_vqvae(VQVAE(**TINY), [images[:8]], **kwargs)  # finished: reloaded, not retrained
     assert again["history"] == stats["history"]
+
+
+def test_training_on_a_pairs_table_and_its_heldout_mse(tmp_path):
+    from alchemist.data.demo import DemoSpec, generate_demo
+    from alchemist.data.pairs import PairsDataset, load_pairs
+    from alchemist.config import DataConfig
+    from alchemist.models.vqvae_train import reconstruction_mse, train_vqvae_on_pairs
+
+    generate_demo(tmp_path / "d", DemoSpec(n_train=24, n_val=10, image_size=16, seed=0))
+    val = tmp_path / "d/val.csv"
+    ds = PairsDataset(load_pairs(val, DataConfig(train_csv_path=str(val), image_size=16)), 16)
+    x = torch.stack([ds[i]["img_3HW"] for i in range(len(ds))])
+    torch.manual_seed(0)
+    model = VQVAE(**TINY)
+    before = reconstruction_mse(model, val, bs=3)  # 10 images in uneven batches
+    assert before == pytest.approx(_token_mse(model, x), rel=1e-5)  # brute force through the token path
+    stats = train_vqvae_on_pairs(model, tmp_path / "d/train.csv", 40, bs=8, out_path=tmp_path / "tok.pt",
+                                 log_every=20, progress=False)
+    assert stats["images"] == 24 and stats["steps"] == 40
+    after = reconstruction_mse(model, val)
+    assert after == pytest.approx(_token_mse(model, x), rel=1e-5) and after < 0.8 * before

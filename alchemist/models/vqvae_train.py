@@ -182,3 +182,22 @@ def train_vqvae_on_pairs(model: VQVAE, table_path: str | Path, steps: int, *, bs
                         num_workers=workers, collate_fn=collate_pairs, generator=torch.Generator().manual_seed(seed))
     stats = train_vqvae(model, loader, steps=steps, lr=lr, device=device, out_path=out_path, seed=seed, **kw)
     return {**stats, "images": len(table)}
+
+
+@torch.no_grad()
+def reconstruction_mse(model: VQVAE, table_path: str | Path, bs: int = 64,
+                       device: str | torch.device = "cpu") -> float:
+    """Mean squared error of encode → quantise → decode (clamped to [-1, 1]) over every image of a pairs table."""
+    from alchemist.config import DataConfig
+    from alchemist.data.pairs import PairsDataset, load_pairs
+
+    size = model.image_size
+    ds = PairsDataset(load_pairs(table_path, DataConfig(train_csv_path=str(table_path), image_size=size)), size)
+    model.to(device).eval()
+    total, n = 0.0, 0
+    for start in range(0, len(ds), bs):
+        img_B3HW = torch.stack([ds[i]["img_3HW"] for i in range(start, min(start + bs, len(ds)))]).to(device)
+        rec_B3HW = model.fhat_to_img(model.quantize.residual_quantize(model.img_to_f(img_B3HW)).fhat_per_scale[-1])
+        total += F.mse_loss(rec_B3HW, img_B3HW, reduction="sum").item()
+        n += img_B3HW.numel()
+    return total / n
