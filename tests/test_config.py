@@ -1,8 +1,9 @@
 import json
 
 import pytest
+import torch
 
-from alchemist.config import (ConfigError, RaterConfig, config_from_dict, config_to_dict, load_config,
+from alchemist.config import (ConfigError, RaterConfig, T2IConfig, config_from_dict, config_to_dict, load_config,
                               save_config)
 
 PAPER = "configs/config_rater.json"
@@ -89,3 +90,16 @@ def test_missing_file_and_bad_json(tmp_path):
     bad.write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_config(RaterConfig, bad)
+
+
+@pytest.mark.parametrize("name,cls", [("demo_rater.json", RaterConfig), ("demo_t2i.json", T2IConfig)])
+def test_demo_configs_fit_the_tokenizer_they_train(name, cls):
+    """`train_tokenizer_for` builds the demo tokenizer from the config: its grid must be the config's."""
+    from alchemist.models.vqvae import VQVAE
+
+    cfg = load_config(cls, f"configs/{name}")
+    m = cfg.model
+    with torch.device("meta"):
+        vq = VQVAE(vocab_size=m.vocab_size, z_channels=m.Cvae, ch=m.vae_ch, ch_mult=m.vae_ch_mult,
+                   patch_nums=m.patch_nums, num_res_blocks=1)
+    assert vq.downsample == m.patch_size and vq.image_size == cfg.data.image_size
