@@ -186,8 +186,9 @@ def render_markdown(results: dict, figure: Path, doc: Path) -> str:
     planted = results["planted"]
     lines += ["### Rankings on planted defects (no downstream training)", "",
               "AUROC of the ranking score, clean pairs (positive) vs each planted kind: 1 = every clean pair "
-              "above every pair of the kind, 0.5 = chance. `plain` below 0.5 is the expected shape for a rater "
-              "(the paper's top ranks are plain, easy images, which Shift-Gsample's shift drops).", ""]
+              "above every pair of the kind, 0.5 = chance. `plain` below 0.5 means plain, easy images rank above "
+              "clean ones: the shape the paper reports for its rater, which Shift-Gsample's shift is built to drop.",
+              ""]
     kinds = [k for k in DEFECT_KINDS if any(k in q["auroc"] for q in planted.values())]
     lines += [_md_table(["ranking"] + kinds + ["mean"],
                         [[_ranking_label(n)] + [f"{q['auroc'].get(k, math.nan):.3f}" for k in kinds]
