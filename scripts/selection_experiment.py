@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1)")
     ap.add_argument("--heuristics", choices=["auroc", "all"], default="auroc",
                     help="auroc: one heuristic arm, the best by planted-defect AUROC; all: all three")
+    ap.add_argument("--rule-arms", default="", help="comma-separated update rules whose raters also get a "
+                    "Shift-Gsample 50 %% arm (their ratings in --rules-dir), e.g. penalty")
     ap.add_argument("--n-generate", type=int, default=None, help="val captions to generate for (default 200)")
     ap.add_argument("--no-cache", action="store_true", help="encode images every epoch instead of once")
     ap.add_argument("--jobs", type=int, default=1, help="runs trained in parallel processes")
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             kw["epochs"] = args.epochs
         if args.seeds is not None:
             kw["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        if args.rule_arms:
+            kw["rule_arms"] = tuple(r.strip() for r in args.rule_arms.split(",") if r.strip())
         if args.n_generate is not None:
             kw["n_generate"] = args.n_generate
         if args.doc is not None:

@@ -48,7 +48,7 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quick(demo):
-    cfg = ex.quick_config(demo=str(demo), t2i_overrides=T2I, seeds=(0, 1))
+    cfg = ex.quick_config(demo=str(demo), t2i_overrides=T2I, seeds=(0, 1), rule_arms=("penalty",))
     return cfg, ex.run_experiment(cfg, command="pytest", progress=False)
 
 
@@ -57,8 +57,8 @@ def test_every_arm_trains_and_is_measured(quick):
     names = [a["arm"] for a in res["arms"]]
     heur = res["heuristics"]["trained"]
     assert len(heur) == 1 and heur[0] in ex.HEURISTIC_CANDIDATES
-    assert names == ["full", "random_50", "shift_gsample_50", "topk_50", f"{heur[0]}_50", "random_20",
-                     "shift_gsample_20"]
+    assert names == ["full", "random_50", "shift_gsample_50", "topk_50", f"{heur[0]}_50", "penalty_shift_gsample_50",
+                     "random_20", "shift_gsample_20"]
     assert len(res["runs"]) == len(names) * 2
     for r in res["runs"]:
         for key in ("heldout_loss", "geneval", "geneval_all_correct", "fid_lite"):
@@ -85,6 +85,8 @@ def test_subsets_have_the_requested_sizes_and_seeds_vary_only_the_sampled_arms(q
     for arm in ("full", "topk_50", f"{res['heuristics']['trained'][0]}_50"):
         assert set(ids[(arm, 0)]) == set(ids[(arm, 1)]), arm  # deterministic selections
     assert set(ids[("random_50", 0)]) != set(ids[("shift_gsample_50", 0)])
+    for seed in (0, 1):  # the fixture's penalty ratings are the rater's: the rule arm must draw the same rows
+        assert set(ids[("penalty_shift_gsample_50", seed)]) == set(ids[("shift_gsample_50", seed)])
     assert set(ids[("topk_50", 0)]) == set(rated["id"][:N_TRAIN // 2])
     head = set(rated["id"][:N_TRAIN // 4])  # Shift-Gsample 50 % drops the top quarter first
     assert not head & set(ids[("shift_gsample_50", 0)]) and not head & set(ids[("shift_gsample_50", 1)])
@@ -99,6 +101,7 @@ def test_results_section_figure_and_planted_tables(quick):
     for a in res["arms"]:
         assert f"| {a['label']} |" in doc
     assert "`pytest`" in doc and "mean ± std over 2 seeds" in doc and "rule `penalty`" in doc
+    assert "| Shift-Gsample 50% (penalty rater) |" in doc
     ref = res["reference"]  # 16 val images: 8 prompts' own and 8 more for the FID-lite floor
     assert ref["n"] == 8 and math.isfinite(ref["geneval"]) and math.isfinite(ref["fid_lite"])
     assert "real val images (reference, 8)" in doc
@@ -134,6 +137,8 @@ def test_a_run_folder_of_another_config_is_refused(quick):
     other = ex.quick_config(demo=cfg.demo, t2i_overrides=T2I + ("--tlr=0.01",), seeds=(0,))
     with pytest.raises(ConfigError, match="another config"):
         ex.run_experiment(other, progress=False)
+    with pytest.raises(ConfigError, match="no <rules_dir>/<rule>/ratings.parquet"):
+        ex.run_experiment(ex.quick_config(demo=cfg.demo, t2i_overrides=T2I, rule_arms=("reference",)), progress=False)
     with pytest.raises(ConfigError, match="set by the experiment"):
         ex.base_t2i_config(ex.quick_config(demo=cfg.demo, t2i_overrides=T2I + ("--ep=3",)))
 

@@ -72,6 +72,7 @@ class ExperimentConfig:
     epochs: int = 0  # 0 = the T2I config's optim.ep; the same for every arm
     seeds: tuple[int, ...] = (0, 1)
     heuristics: str = "auroc"  # auroc: the one heuristic with the best planted-defect AUROC; all: all three
+    rule_arms: tuple[str, ...] = ()  # also Shift-Gsample 50 % on these rules' ratings (<rules_dir>/<rule>)
     n_generate: int = 200  # val captions to generate for (GenEval-lite, FID-lite); 0 = no generation
     classifier_epochs: int = 12
     classifier_extra: int = 10000  # freshly rendered clean scenes added to the classifier's training set
@@ -184,8 +185,12 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
     quality = planted_quality({"rater": inp.ratings, **{f"rule:{k}": v for k, v in rules.items()}, **heur},
                               inp.defects)
     chosen, why = choose_heuristics(cfg, quality)
-    arms = plan_arms(chosen)
-    rankings = {"rater": inp.ratings, **heur}
+    missing = [r for r in cfg.rule_arms if r not in rules]
+    if missing:
+        raise ConfigError(f"rule arm(s) {missing} have no <rules_dir>/<rule>/ratings.parquet (found: {sorted(rules)}); "
+                          "run scripts/compare_rules.py --rules ... first")
+    arms = plan_arms(chosen, cfg.rule_arms)
+    rankings = {"rater": inp.ratings, **heur, **{f"rule:{k}": v for k, v in rules.items()}}
 
     # subsets, checked before any training
     universe = inp.ratings["id"].astype(str)

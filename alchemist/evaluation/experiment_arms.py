@@ -32,7 +32,7 @@ SAMPLED = ("random", "shift_gsample", "gsample")  # strategies whose subset depe
 @dataclass(frozen=True)
 class Arm:
     name: str  # folder-safe id, e.g. "shift_gsample_50"
-    source: str  # "all" (full data), "rater", or a heuristic name: whose ranking is used
+    source: str  # "all" (full data), "rater", "rule:<rule>" or a heuristic name: whose ranking is used
     strategy: str  # selection strategy ("all" for full data)
     retention: float
 
@@ -46,6 +46,8 @@ class Arm:
             return "full data"
         what = {"random": "random", "shift_gsample": "Shift-Gsample", "topk": "Top-K", "gsample": "Gsample",
                 "block": "block", "bottomk": "Bottom-K"}.get(self.strategy, self.strategy)
+        if self.source.startswith("rule:"):
+            return f"{what} {self.retention:.0%} ({self.source[5:]} rater)"
         if self.source not in ("rater", "all") and self.strategy == "topk":
             what = f"{self.source} (top)"
         return f"{what} {self.retention:.0%}"
@@ -65,9 +67,14 @@ def heuristic_arm(name: str, retention: float = 0.5) -> Arm:
     return Arm(f"{name}_{round(retention * 100)}", name, "topk", retention)
 
 
-def plan_arms(heuristics: Sequence[str]) -> list[Arm]:
+def rule_arm(rule: str, retention: float = 0.5) -> Arm:
+    """Shift-Gsample on another update rule's ratings (<rules_dir>/<rule>), e.g. the official `penalty`."""
+    return Arm(f"{rule}_shift_gsample_{round(retention * 100)}", f"rule:{rule}", "shift_gsample", retention)
+
+
+def plan_arms(heuristics: Sequence[str], rules: Sequence[str] = ()) -> list[Arm]:
     arms = rater_arms()
-    return arms[:4] + [heuristic_arm(h) for h in heuristics] + arms[4:]
+    return arms[:4] + [heuristic_arm(h) for h in heuristics] + [rule_arm(r) for r in rules] + arms[4:]
 
 
 # ----------------------------------------------------------------------------- rankings

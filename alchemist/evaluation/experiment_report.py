@@ -114,6 +114,10 @@ def _verdict(results: dict) -> list[str]:
     cmp("shift_gsample_20", "random_20")
     if results["heuristics"]["best"]:
         cmp("shift_gsample_50", results["heuristics"]["best"])
+    for name, a in arms.items():
+        if a["source"].startswith("rule:"):
+            cmp(name, "random_50")
+            cmp(name, "shift_gsample_50")
     return lines
 
 
