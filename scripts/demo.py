@@ -63,11 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(RaterConfig, "configs/demo_rater.json", [f"--{k}={v}" for k, v in paths.items()] + overrides)
 
     t = stage("2. tokenizer")
-    tok = out / "tokenizer.pt"
-    if tok.exists():
-        print(f"reusing {tok}")
-    else:
-        train_tokenizer(cfg, tok, args.tokenizer_steps)
+    train_tokenizer(cfg, out / "tokenizer.pt", args.tokenizer_steps)  # resumes a killed run, reuses a finished one
     done(t)
 
     t = stage(f"3. rater: bilevel training, rule '{cfg.bilevel.estimator}'")

@@ -43,13 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(T2IConfig, "configs/demo_t2i.json", [f"--{k}={v}" for k, v in paths.items()] + overrides)
 
     print("=== 2. tokenizer", flush=True)
-    tok = out / "tokenizer.pt"
-    if tok.exists():
-        print(f"reusing {tok}")
-    else:
-        stats = train_tokenizer_for(cfg.model, cfg.data.train_csv_path, tok, args.tokenizer_steps, args.seed,
-                                    cfg.data.num_workers)
-        print(f"tokenizer: recon MSE {stats['recon_mse']:.4f}, codebook usage {stats['usage']:.0%} -> {tok}")
+    tok = out / "tokenizer.pt"  # a killed run resumes, a finished one is reused
+    stats = train_tokenizer_for(cfg.model, cfg.data.train_csv_path, tok, args.tokenizer_steps, args.seed,
+                                cfg.data.num_workers)
+    print(f"tokenizer: recon MSE {stats['recon_mse']:.4f}, codebook usage {stats['usage']:.0%} -> {tok}")
 
     print(f"=== 3. T2I model: depth {cfg.model.depth}, {cfg.optim.ep} epochs -> {cfg.output.run_dir}", flush=True)
     summary = train_t2i(cfg)

@@ -182,15 +182,14 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
     # rankings and how they place the planted defects
     heur = heuristic_ratings(cfg, inp, progress=progress)
     rules = rule_ratings(cfg)
-    quality = planted_quality({"rater": inp.ratings, **{f"rule:{k}": v for k, v in rules.items()}, **heur},
-                              inp.defects)
+    rankings = {"rater": inp.ratings, **{f"rule:{k}": v for k, v in rules.items()}, **heur}
+    quality = planted_quality(rankings, inp.defects)
     chosen, why = choose_heuristics(cfg, quality)
     missing = [r for r in cfg.rule_arms if r not in rules]
     if missing:
         raise ConfigError(f"rule arm(s) {missing} have no <rules_dir>/<rule>/ratings.parquet (found: {sorted(rules)}); "
                           "run scripts/compare_rules.py --rules ... first")
     arms = plan_arms(chosen, cfg.rule_arms)
-    rankings = {"rater": inp.ratings, **heur, **{f"rule:{k}": v for k, v in rules.items()}}
 
     # subsets, checked before any training
     universe = inp.ratings["id"].astype(str)

@@ -173,26 +173,28 @@ def train_vqvae_on_pairs(model: VQVAE, table_path: str | Path, steps: int, *, bs
     """`train_vqvae` on the images of a pairs table (CSV/parquet) at the model's own image size."""
     from torch.utils.data import DataLoader
 
-    from alchemist.config import DataConfig
-    from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
+    from alchemist.data.pairs import collate_pairs
 
-    size = model.image_size
-    table = load_pairs(table_path, DataConfig(train_csv_path=str(table_path), image_size=size))
-    loader = DataLoader(PairsDataset(table, size), batch_size=bs, shuffle=True, drop_last=len(table) >= bs,
-                        num_workers=workers, collate_fn=collate_pairs, generator=torch.Generator().manual_seed(seed))
+    ds = _pairs_images(table_path, model.image_size)
+    loader = DataLoader(ds, batch_size=bs, shuffle=True, drop_last=len(ds) >= bs, num_workers=workers,
+                        collate_fn=collate_pairs, generator=torch.Generator().manual_seed(seed))
     stats = train_vqvae(model, loader, steps=steps, lr=lr, device=device, out_path=out_path, seed=seed, **kw)
-    return {**stats, "images": len(table)}
+    return {**stats, "images": len(ds)}
+
+
+def _pairs_images(table_path: str | Path, size: int):
+    """The images of a pairs table, read at `size` (a tokenizer needs no caption settings)."""
+    from alchemist.config import DataConfig
+    from alchemist.data.pairs import PairsDataset, load_pairs
+
+    return PairsDataset(load_pairs(table_path, DataConfig(train_csv_path=str(table_path), image_size=size)), size)
 
 
 @torch.no_grad()
 def reconstruction_mse(model: VQVAE, table_path: str | Path, bs: int = 64,
                        device: str | torch.device = "cpu") -> float:
     """Mean squared error of encode → quantise → decode (clamped to [-1, 1]) over every image of a pairs table."""
-    from alchemist.config import DataConfig
-    from alchemist.data.pairs import PairsDataset, load_pairs
-
-    size = model.image_size
-    ds = PairsDataset(load_pairs(table_path, DataConfig(train_csv_path=str(table_path), image_size=size)), size)
+    ds = _pairs_images(table_path, model.image_size)
     model.to(device).eval()
     total, n = 0.0, 0
     for start in range(0, len(ds), bs):
