@@ -1,6 +1,4 @@
 """VAR tokenizer: checkpoint compatibility, golden equivalence, generation-time consistency, training."""
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -8,11 +6,7 @@ import torch.nn.functional as F
 
 from alchemist.models.vqvae import VQVAE, load_vqvae
 from alchemist.models.vqvae_train import train_vqvae
-
-REF = Path("/work/shared/reference")
-GOLDEN = REF / "var_vqvae_golden.pt"
-KEYS = REF / "var_vqvae_ch160v4096z32.keys.tsv"
-needs_ref = pytest.mark.skipif(not GOLDEN.exists(), reason="reference files not available")
+from golden_vqvae import KEYS, load_golden  # tests/golden_vqvae.py: the golden data in tests/data
 
 
 def _golden_kwargs(cfg: dict) -> dict:
@@ -23,7 +17,7 @@ def _golden_kwargs(cfg: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def golden():
-    return torch.load(GOLDEN, map_location="cpu", weights_only=False)
+    return load_golden()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +41,6 @@ def _shapes(n: int, size: int, seed: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- compatibility
-@needs_ref
 def test_full_config_state_dict_matches_released_checkpoint():
     ref = {}
     for line in KEYS.read_text().splitlines():
@@ -61,7 +54,6 @@ def test_full_config_state_dict_matches_released_checkpoint():
     assert (model.downsample, model.image_size) == (16, 256)
 
 
-@needs_ref
 def test_golden_tokens_and_tensors(golden, gmodel):
     x = golden["input_B3HW"]
     with torch.no_grad():
@@ -82,7 +74,6 @@ def test_golden_tokens_and_tensors(golden, gmodel):
                                atol=1e-4, rtol=1e-5)
 
 
-@needs_ref
 def test_var_input_is_fhat_accumulation_downsampled(golden, gmodel):
     with torch.no_grad():
         q = gmodel.quantize.residual_quantize(gmodel.img_to_f(golden["input_B3HW"]))
@@ -94,7 +85,6 @@ def test_var_input_is_fhat_accumulation_downsampled(golden, gmodel):
     torch.testing.assert_close(var_input_BLC, torch.cat(expected, 1), atol=1e-6, rtol=1e-6)
 
 
-@needs_ref
 def test_generation_step_loop_matches_teacher_forcing_and_decode(golden, gmodel):
     idx_Bl = golden["idx_Bl"]
     B, C, pns = idx_Bl[0].shape[0], gmodel.Cvae, gmodel.patch_nums
@@ -112,7 +102,6 @@ def test_generation_step_loop_matches_teacher_forcing_and_decode(golden, gmodel)
     torch.testing.assert_close(f_hat, golden["fhat_per_scale"][-1], atol=1e-5, rtol=1e-5)
 
 
-@needs_ref
 def test_encode_is_batch_independent(golden, gmodel):
     x = torch.cat([golden["input_B3HW"], _shapes(4, 64, seed=3)])
     batched = gmodel.img_to_idxBl(x)
@@ -123,7 +112,6 @@ def test_encode_is_batch_independent(golden, gmodel):
 
 
 # ----------------------------------------------------------------------------- loading
-@needs_ref
 def test_ema_buffer_of_other_scale_count_keeps_own(golden, tmp_path):
     path = tmp_path / "plain.pth"
     torch.save(golden["state_dict"], path)
