@@ -1,4 +1,4 @@
-"""Heuristic per-image scores: the paper's Table 1 baselines (METHOD.md §7).
+"""Heuristic per-image scores: the paper's Table 1 baselines (docs/method.md §7).
 
 Image statistics (no model, batched in torch): ``clarity`` (variance of the Laplacian),
 ``lowfreq`` (share of spectral energy in a low-frequency disc) and ``edge_density``

@@ -1,8 +1,8 @@
 """Rate every pair of a table with a trained rater: sharded across ranks, resumable, ranked.
 
 The ranking ``score`` is the instance logit, a function of the pair alone, so it does not move
-with batch size, order or the number of GPUs (METHOD.md §3, "Do better"). The official score,
-softmax over a batch of 256 × the group scalar, is kept as ``official_score`` for comparison; it
+with batch size, order or the number of GPUs (docs/method.md, "Where this project departs"). The
+official score, softmax over a batch of 256 × the group scalar, is kept as ``official_score`` for comparison; it
 is computed over consecutive fixed 256-row batches of each shard, as the official script batched.
 
 Rows are cut into fixed shards by position; shard k belongs to rank k mod world. A finished shard

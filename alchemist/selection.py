@@ -1,4 +1,4 @@
-"""Pruning strategies: which rows of a ranked dataset to keep (METHOD.md §6).
+"""Pruning strategies: which rows of a ranked dataset to keep (docs/method.md §6).
 
 Everything here works in *rank space*: position 0 is the best-rated pair and
 ``pos = rank / N`` lies in [0, 1). :func:`select` is pure and deterministic for

@@ -1,6 +1,6 @@
 """Text-image pairs: read the table, decode images, batch them.
 
-The paper's data format (METHOD.md §7) is a CSV with an image path, a caption and an id; other
+The paper's data format (docs/method.md §7) is a CSV with an image path, a caption and an id; other
 columns ride along so a pruned subset can be written back with the input's columns. A bad row
 (empty caption, missing file, unreadable image) is skipped, never fatal and never silent: it is
 recorded with its reason in a :class:`SkipLog`, which callers write out as ``skipped.csv``.

@@ -1,5 +1,5 @@
 """The selection experiment: does a T2I model trained on the Alchemist-selected subset beat one
-trained on random data of the same size, and match one trained on all of it (METHOD.md §1, §6)?
+trained on random data of the same size, and match one trained on all of it (docs/method.md §1, §6)?
 
 From one demo dataset and one rater's ratings, every *arm* picks a subset of the training pairs:
 

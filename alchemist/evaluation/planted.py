@@ -4,7 +4,7 @@ The demo dataset (alchemist.data.demo) knows the kind of every pair: ``clean`` o
 planted defects. A ranking is then judged without any downstream training: how well clean pairs
 separate from each kind (AUROC, clean = positive), which rank deciles each kind falls into, and
 what share of each kind a pruning strategy keeps. Not every defect should sink: the paper's top
-ranks are plain, easy images (METHOD.md §6), so ``plain`` above clean (AUROC < 0.5) is the
+ranks are plain, easy images (docs/method.md §6), so ``plain`` above clean (AUROC < 0.5) is the
 expected shape, and it is what Shift-Gsample's dropped head is for.
 """
 from __future__ import annotations

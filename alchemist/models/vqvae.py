@@ -2,7 +2,7 @@
 
 Behaviour and parameter names follow VAR's `VectorQuantizer2` / `VQVAE`, so the released
 `vae_ch160v4096z32.pth` loads with ``strict=True`` and yields the same tokens
-(spec: shared/reference/VAR_TOKENIZER.md). The token pyramid is built by quantising a residual:
+(spec: docs/method.md §4). The token pyramid is built by quantising a residual:
 each scale codes what the coarser scales left over, upsampled to the latent size and mixed by φ.
 """
 from __future__ import annotations
