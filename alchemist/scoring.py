@@ -2,8 +2,9 @@
 
 The ranking ``score`` is the instance logit, a function of the pair alone, so it does not move
 with batch size, order or the number of GPUs (docs/method.md, "Where this project departs"). The
-official score, softmax over a batch of 256 × the group scalar, is kept as ``official_score`` for comparison; it
-is computed over consecutive fixed 256-row batches of each shard, as the official script batched.
+official score, softmax over a batch of 256 × the group scalar, is kept as ``official_score`` for
+comparison; it is computed over consecutive fixed 256-row batches of each shard, as the official
+script batched.
 
 Rows are cut into fixed shards by position; shard k belongs to rank k mod world. A finished shard
 is written atomically to ``<out>.shards/shard_XXXXX.parquet``, so a rerun skips it and a crash
