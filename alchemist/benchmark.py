@@ -46,7 +46,7 @@ from alchemist.build import build_proxy, build_rater, build_text_encoder
 from alchemist.config import ModelConfig, RaterConfig, load_config, parse_overrides
 from alchemist.data.sampler import ResumableSampler, Stream
 from alchemist.data.tokens import Featurizer
-from alchemist.models.batch import TextFeatures, TokenBatch
+from alchemist.batch import TextFeatures, TokenBatch
 from alchemist.models.proxy import Proxy
 from alchemist.models.rater import Rater
 from alchemist.models.vqvae import VQVAE

@@ -13,15 +13,24 @@ from alchemist.models.vqvae import VQVAE, load_vqvae
 
 
 def tokenizer_path(mcfg: ModelConfig) -> Path:
+    """Where ``model.vae_ckpt`` points: itself when absolute, else inside ``model.ckpt_path`` (or relative
+    to the working directory when no ckpt_path is set). The working directory is never searched
+    first, so a stray file of the same name there cannot stand in for the configured one."""
     p = Path(mcfg.vae_ckpt)
-    if not p.is_absolute() and mcfg.ckpt_path and not p.exists():
-        p = Path(mcfg.ckpt_path) / p
-    return p
+    if p.is_absolute() or not mcfg.ckpt_path:
+        return p
+    return Path(mcfg.ckpt_path) / p
 
 
 def build_tokenizer(mcfg: ModelConfig, device: torch.device) -> VQVAE:
     """The frozen multi-scale tokenizer; its geometry must match the config's."""
     path = tokenizer_path(mcfg)
+    if not path.is_file():
+        inside = "" if path == Path(mcfg.vae_ckpt) else f" inside model.ckpt_path={mcfg.ckpt_path!r}"
+        raise FileNotFoundError(f"the tokenizer model.vae_ckpt={mcfg.vae_ckpt!r}{inside} does not exist "
+                                f"({str(path)!r}); weights are never downloaded: point model.ckpt_path / "
+                                "model.vae_ckpt at a local file (VAR's vae_ch160v4096z32.pth, or one made by "
+                                "scripts/train_tokenizer.py)")
     vq = load_vqvae(path, vocab_size=mcfg.vocab_size, z_channels=mcfg.Cvae, ch=mcfg.vae_ch,
                     ch_mult=mcfg.vae_ch_mult, patch_nums=mcfg.patch_nums)
     got = (tuple(vq.patch_nums), vq.vocab_size, vq.Cvae, vq.downsample)
@@ -49,15 +58,3 @@ def build_proxy(mcfg: ModelConfig, text_dim: int, device: torch.device) -> Proxy
 
 def build_rater(mcfg: ModelConfig, text_dim: int, device: torch.device, double_softmax: bool = False) -> Rater:
     return Rater.from_config(mcfg, text_dim, double_softmax=double_softmax).to(device)
-
-
-def train_tokenizer_for(mcfg: ModelConfig, table_path: str | Path, out: str | Path, steps: int, seed: int = 0,
-                        workers: int = 0) -> dict:
-    """Train, from scratch on a pairs table, the tokenizer a config's geometry asks for (no pretrained VQ
-    weights exist offline); one residual block per level keeps it to CPU minutes. Resumes from `out`."""
-    from alchemist.models.vqvae_train import train_vqvae_on_pairs
-
-    torch.manual_seed(seed)
-    vq = VQVAE(vocab_size=mcfg.vocab_size, z_channels=mcfg.Cvae, ch=mcfg.vae_ch, ch_mult=mcfg.vae_ch_mult,
-               patch_nums=mcfg.patch_nums, num_res_blocks=1)
-    return train_vqvae_on_pairs(vq, table_path, steps, bs=16, lr=2e-3, out_path=out, workers=workers, seed=seed)

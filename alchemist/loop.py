@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from alchemist.config import config_to_dict
-from alchemist.models.batch import TokenBatch
+from alchemist.batch import TokenBatch
 from alchemist.utils.checkpoint import capture_rng, restore_rng, save_checkpoint
 from alchemist.utils.dist import average_grads, is_dist
 from alchemist.utils.io import atomic_open

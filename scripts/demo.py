@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from alchemist.bilevel.launch import train_rater
-from alchemist.build import train_tokenizer_for
+from alchemist.tokenizer_training import train_tokenizer_for
 from alchemist.config import RaterConfig, load_config
 from alchemist.data.demo import DemoSpec, format_summary, generate_demo
 from alchemist.evaluation.planted import format_kind_report, kind_report

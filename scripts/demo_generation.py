@@ -14,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from alchemist.build import train_tokenizer_for
+from alchemist.tokenizer_training import train_tokenizer_for
 from alchemist.config import T2IConfig, load_config
 from alchemist.data.demo import DemoSpec, format_summary, generate_demo
 from alchemist.evaluation.samples import sample_grid

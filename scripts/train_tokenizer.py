@@ -13,7 +13,7 @@ import argparse
 import torch
 
 from alchemist.models.vqvae import VQVAE
-from alchemist.models.vqvae_train import reconstruction_mse, train_vqvae_on_pairs
+from alchemist.tokenizer_training import reconstruction_mse, train_vqvae_on_pairs
 
 
 def _ints(text: str) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from alchemist.loop import NonFiniteLossError
 from alchemist.config import RaterConfig, load_config
 from alchemist.data.demo import DemoSpec, generate_demo
 from alchemist.data.sampler import ResumableSampler
-from alchemist.models.batch import TextFeatures, TokenBatch
+from alchemist.batch import TextFeatures, TokenBatch
 from alchemist.models.blocks import math_attention
 from alchemist.models.proxy import Proxy
 from alchemist.models.rater import RaterOutput

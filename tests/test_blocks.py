@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.func import functional_call, jvp
 
-from alchemist.models.batch import TextFeatures
+from alchemist.batch import TextFeatures
 from alchemist.models.blocks import (
     Block, apply_rope, block_causal_mask, math_attention, rope_angles, rope_positions, text_attn_mask,
 )

@@ -17,7 +17,7 @@ from alchemist.evaluation.metrics import (InceptionFeatures, clip_score, fid, fi
                                           frechet_distance_gaussians, generate_for_prompts, geneval_lite,
                                           heldout_token_loss)
 from alchemist.heuristics import ClipScorer
-from alchemist.models.batch import TextFeatures
+from alchemist.batch import TextFeatures
 from alchemist.models.proxy import Proxy
 from alchemist.models.vqvae import VQVAE
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from alchemist.config import ModelConfig
-from alchemist.models.batch import TextFeatures, TokenBatch
+from alchemist.batch import TextFeatures, TokenBatch
 from alchemist.models.rater import Rater
 
 PATCH_NUMS = (1, 2, 3, 4)

@@ -1,4 +1,6 @@
 """VAR tokenizer: checkpoint compatibility, golden equivalence, generation-time consistency, training."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -130,6 +132,38 @@ def test_missing_checkpoint_names_path(tmp_path):
     assert str(path) in str(err.value)
 
 
+def test_tokenizer_is_found_in_ckpt_path_never_in_the_working_directory(tmp_path, monkeypatch):
+    """model.vae_ckpt: absolute as given, relative inside model.ckpt_path; a file of the same name in
+    the working directory must not win, and a missing one is one sentence naming both keys."""
+    from alchemist.build import build_tokenizer, tokenizer_path
+    from alchemist.config import ModelConfig
+
+    kw = dict(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1, 1), patch_nums=(1, 2))
+    mcfg = ModelConfig(vocab_size=32, Cvae=8, vae_ch=32, vae_ch_mult=(1, 1, 1), patch_size=4, patch_nums=(1, 2),
+                       ckpt_path=str(tmp_path / "ckpts"), vae_ckpt="tokenizer.pt")
+    wanted, stray = VQVAE(**kw), VQVAE(**kw)
+    (tmp_path / "ckpts").mkdir()
+    (tmp_path / "cwd").mkdir()
+    torch.save({"state_dict": wanted.state_dict(), "config": kw}, tmp_path / "ckpts/tokenizer.pt")
+    torch.save({"state_dict": stray.state_dict(), "config": kw}, tmp_path / "cwd/tokenizer.pt")
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert tokenizer_path(mcfg) == tmp_path / "ckpts/tokenizer.pt"
+    got = build_tokenizer(mcfg, torch.device("cpu")).quantize.embedding.weight
+    assert torch.equal(got, wanted.quantize.embedding.weight)
+    assert not torch.equal(got, stray.quantize.embedding.weight)
+
+    absolute = ModelConfig(**{**mcfg.__dict__, "vae_ckpt": str(tmp_path / "cwd/tokenizer.pt")})
+    assert tokenizer_path(absolute) == tmp_path / "cwd/tokenizer.pt"
+    no_dir = ModelConfig(**{**mcfg.__dict__, "ckpt_path": ""})
+    assert tokenizer_path(no_dir) == Path("tokenizer.pt")
+
+    missing = ModelConfig(**{**mcfg.__dict__, "vae_ckpt": "nope.pt"})
+    with pytest.raises(FileNotFoundError) as err:
+        build_tokenizer(missing, torch.device("cpu"))
+    msg = str(err.value)
+    assert "model.vae_ckpt='nope.pt'" in msg and "model.ckpt_path=" in msg and "\n" not in msg
+
+
 def test_wrong_config_is_a_clear_error(tmp_path):
     path = tmp_path / "tiny.pth"
     torch.save(VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1), patch_nums=(1, 2)).state_dict(), path)
@@ -201,7 +235,7 @@ def test_training_on_a_pairs_table_and_its_heldout_mse(tmp_path):
     from alchemist.data.demo import DemoSpec, generate_demo
     from alchemist.data.pairs import PairsDataset, load_pairs
     from alchemist.config import DataConfig
-    from alchemist.models.vqvae_train import reconstruction_mse, train_vqvae_on_pairs
+    from alchemist.tokenizer_training import reconstruction_mse, train_vqvae_on_pairs
 
     generate_demo(tmp_path / "d", DemoSpec(n_train=24, n_val=10, image_size=16, seed=0))
     val = tmp_path / "d/val.csv"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from alchemist.config import BilevelConfig
-from alchemist.models.batch import TokenBatch
+from alchemist.batch import TokenBatch
 from alchemist.models.rater import RaterOutput
 from alchemist.utils.dist import average_grads, average_tensors
 

@@ -13,7 +13,7 @@ from alchemist.bilevel.estimators import Estimator, StepContext
 from alchemist.config import RaterConfig
 from alchemist.data.sampler import Stream
 from alchemist.loop import TrainLoop
-from alchemist.models.batch import TokenBatch
+from alchemist.batch import TokenBatch
 from alchemist.utils.dist import broadcast_params, replica_spread
 from alchemist.utils.optim import build_optimizer, set_lr
 from alchemist.utils.schedule import gamma_at, lr_factor

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from alchemist.models.batch import TokenBatch
+from alchemist.batch import TokenBatch
 
 
 class Featurizer:

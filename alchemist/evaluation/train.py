@@ -14,7 +14,7 @@ from alchemist.data.sampler import Stream
 from alchemist.data.tokens import Featurizer
 from alchemist.evaluation.metrics import heldout_token_loss
 from alchemist.loop import TrainLoop
-from alchemist.models.batch import TokenBatch
+from alchemist.batch import TokenBatch
 from alchemist.runtime import make_stream, resume_path, setup_runtime
 from alchemist.utils.checkpoint import load_checkpoint
 from alchemist.utils.dist import broadcast_params

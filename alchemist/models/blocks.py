@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from alchemist.models.batch import TextFeatures
+from alchemist.batch import TextFeatures
 
 LN_EPS = 1e-6
 HEAD_DIM = 64  # width 64·depth with depth heads

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from alchemist.config import ModelConfig
-from alchemist.models.batch import TextFeatures, TokenBatch
+from alchemist.batch import TextFeatures, TokenBatch
 from alchemist.models.blocks import LN_EPS, ScaleTransformer, text_attn_mask
 
 

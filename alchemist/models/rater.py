@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from alchemist.config import ModelConfig
-from alchemist.models.batch import TokenBatch
+from alchemist.batch import TokenBatch
 from alchemist.models.blocks import ScaleTransformer, layer_norm
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alchemist.models.batch import TextFeatures
+from alchemist.batch import TextFeatures
 
 _CLIP_TYPES = ("clip", "clip_text_model")
 _T5_TYPES = ("t5", "mt5", "umt5")

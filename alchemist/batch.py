@@ -1,4 +1,5 @@
-"""The two containers that travel between data, proxy, rater and trainer.
+"""The two containers that travel between data, proxy, rater and trainer (at the bottom of the
+package, beside config.py: data, models and bilevel all import it).
 
 Both are plain dataclasses of tensors with the three operations a trainer needs: move to a
 device, take a row subset (per-sample scoring, shuffles, splitting for accumulation) and, for
