@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from alchemist.bilevel.estimators import build_estimator
+from alchemist.bilevel.estimators import ESTIMATORS
 from alchemist.bilevel.trainer import BilevelTrainer
 from alchemist.build import build_proxy, build_rater, build_text_encoder
 from alchemist.config import ModelConfig, RaterConfig, load_config, parse_overrides
@@ -52,7 +52,7 @@ from alchemist.models.rater import Rater
 from alchemist.models.vqvae import VQVAE
 from alchemist.runtime import setup_runtime
 
-RULES = ("penalty", "reference", "lookahead")
+RULES = tuple(ESTIMATORS)  # every registered rater-update rule
 MODES = ("raw", "cache", "tokens")
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -274,8 +274,7 @@ def step_flops(c: dict[str, int], kind: str, mode: str, B: int, rule: str = "pen
     else:
         # rater once on the train batch, proxy fwd+bwd on val and train batches, then the rule's extras
         model = c["rater_fwd_bwd"] + 2 * c["proxy_fwd_bwd"]
-        model += {"penalty": 0, "reference": c["proxy_fwd_bwd"],
-                  "lookahead": c["proxy_fwd_bwd"] + 2 * c["proxy_fwd"]}[rule]
+        model += sum(n * c[k] for k, n in ESTIMATORS[rule].extra_passes.items())
         batches = 2
     encode = {"tokens": 0, "cache": c["teacher_forcing_input"],
               "raw": c["tokenizer_encode"] + c["teacher_forcing_input"] + c["text_encoder"]}[mode]
@@ -387,8 +386,7 @@ class _Bench:
         rater = build_rater(cfg.model, self.text.width, self.device, cfg.bilevel.double_softmax)
         bs = cfg.optim.bs
         stream = lambda: Stream(lambda s: iter(()), ResumableSampler(100 * bs, shuffle=False), bs)  # noqa: E731
-        return BilevelTrainer(cfg, proxy, rater, lambda p, mk: build_estimator(cfg.bilevel, p, mk, cfg.optim.grad_clip),
-                              self.featurize, stream(), stream(), self.device, is_main=False)
+        return BilevelTrainer(cfg, proxy, rater, self.featurize, stream(), stream(), self.device, is_main=False)
 
     def bilevel_fn(self, trainer: BilevelTrainer, mode: str) -> Callable[[], None]:
         train, val = self.batches(mode, "train"), self.batches(mode, "val")
@@ -403,9 +401,7 @@ class _Bench:
         train = self.batches(mode, "train")
 
         def step():
-            with trainer.autocast():
-                loss = trainer.proxy.per_sample_loss(train()).mean()
-            trainer.optimizer_step(trainer.proxy, trainer.opt_proxy, loss, trainer.scalers[0])
+            trainer.plain_proxy_step(train())
         return step
 
     def score_fn(self, trainer: BilevelTrainer, mode: str) -> Callable[[], None]:

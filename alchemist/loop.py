@@ -3,6 +3,8 @@ metrics, atomic rotating checkpoints, exact resume and a guard against non-finit
 
 A subclass says what one epoch's batches are (``epoch_batches``), what a step does (``train_step``,
 returning the numbers to log or None for a non-finite loss) and which extra state it owns.
+``run`` is the one run path every entry point takes: resume, save the config, fit, list the
+skipped rows.
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from alchemist.config import config_to_dict
 from alchemist.batch import TokenBatch
-from alchemist.utils.checkpoint import capture_rng, restore_rng, save_checkpoint
+from alchemist.config import config_to_dict, save_config
+from alchemist.runtime import resume_path
+from alchemist.utils.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from alchemist.utils.dist import average_grads, is_dist
 from alchemist.utils.io import atomic_open
 from alchemist.utils.metrics import MetricsLogger
+from alchemist.utils.schedule import lr_factor, warmup_steps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,6 +41,7 @@ class TrainLoop:
         self.step_idx, self.epoch, self.nonfinite_run, self.nonfinite_total = 0, 0, 0, 0
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * cfg.optim.ep
+        self.warmup_steps = warmup_steps(cfg.optim.wp, cfg.optim.ep, steps_per_epoch)
         self.run_dir: Path = cfg.output.run_dir
         self.logger = MetricsLogger(self.run_dir / "metrics.jsonl", cfg.logging, cfg, cfg.output.exp_name, is_main)
         amp = cfg.optim.fp16 if cfg.optim.fp16 >= 0 else (2 if device.type == "cuda" else 0)
@@ -47,6 +52,11 @@ class TrainLoop:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def lr_factor(self) -> float:
+        """The ``optim.sche`` multiplier of the peak lr at the current step."""
+        o = self.cfg.optim
+        return lr_factor(o.sche, self.step_idx, self.warmup_steps, self.total_steps, o.wp0, o.wpe)
 
     def new_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.fp16_scaling)
@@ -90,6 +100,23 @@ class TrainLoop:
         return {}
 
     # -------------------------------------------------------------- the loop
+    def run(self, skip_log, rank: int = 0, world: int = 1) -> dict[str, Any]:
+        """Resume (``output.resume``), save the config, fit, and write the rows ``skip_log`` collected
+        (a ``SkipLog``) to skipped.csv (skipped_rank<r>.csv with several processes); the summary."""
+        resume = resume_path(self.cfg.output)
+        if resume is not None:
+            self.load_state_dict(load_checkpoint(resume))
+            if self.is_main:
+                print(f"resumed from {resume} at step {self.step_idx}")
+        if self.is_main:
+            save_config(self.cfg, self.run_dir / "config.json")
+        try:
+            summary = self.fit()
+        finally:
+            skip_log.write(self.run_dir / ("skipped.csv" if world == 1 else f"skipped_rank{rank}.csv"))
+        summary["skipped_rows"] = skip_log.count
+        return summary
+
     def fit(self) -> dict[str, Any]:
         bar = tqdm(total=self.total_steps, initial=self.step_idx, desc=self.desc, dynamic_ncols=True,
                    disable=not (self.is_main and self.cfg.logging.progress))

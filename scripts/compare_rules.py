@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from alchemist.bilevel.estimators import build_estimator
+from alchemist.bilevel.estimators import ESTIMATORS
 from alchemist.bilevel.launch import train_rater
 from alchemist.bilevel.trainer import BilevelTrainer
 from alchemist.build import build_proxy, build_rater, build_text_encoder, build_tokenizer
@@ -50,21 +50,15 @@ def step_seconds(cfg: RaterConfig, steps: int = 8) -> tuple[float, float]:
     train_b, val_b = (featurize(next(iter(s.make_loader(s.sampler)))) for s in streams)
     proxy = build_proxy(cfg.model, text.width, rt.device)
     rater = build_rater(cfg.model, text.width, rt.device)
-    trainer = BilevelTrainer(cfg, proxy, rater, lambda p, mk: build_estimator(cfg.bilevel, p, mk, cfg.optim.grad_clip),
-                             featurize, streams[1], streams[0], rt.device, is_main=False)
+    trainer = BilevelTrainer(cfg, proxy, rater, featurize, streams[1], streams[0], rt.device, is_main=False)
     bilevel = _median_seconds(lambda: trainer.train_step(train_b, val_b), steps)
-
-    def plain():  # same precision as the bilevel step's proxy update
-        with trainer.autocast():
-            loss = proxy.per_sample_loss(train_b).float().mean()
-        trainer.optimizer_step(proxy, trainer.opt_proxy, loss, trainer.scalers[0])
-    return bilevel, _median_seconds(plain, steps)
+    return bilevel, _median_seconds(lambda: trainer.plain_proxy_step(train_b), steps)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", default="runs/demo")
-    ap.add_argument("--rules", default="penalty,reference,lookahead")
+    ap.add_argument("--rules", default=",".join(ESTIMATORS))
     args, overrides = ap.parse_known_args(argv)
     demo = Path(args.demo)
     base = {"train_csv_path": demo / "data/train.csv", "val_csv_path": demo / "data/val.csv", "ckpt_path": demo,

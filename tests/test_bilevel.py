@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from alchemist.bilevel.estimators import Lookahead, Penalty, StepContext, alignment
+from alchemist.bilevel.estimators import (ESTIMATORS, Lookahead, Penalty, StepContext, alignment, build_estimator,
+                                          register)
 from alchemist.bilevel.launch import train_rater
 from alchemist.loop import NonFiniteLossError
-from alchemist.config import RaterConfig, load_config
+from alchemist.config import BilevelConfig, ConfigError, RaterConfig, load_config
 from alchemist.data.demo import DemoSpec, generate_demo
 from alchemist.data.sampler import ResumableSampler
 from alchemist.batch import TextFeatures, TokenBatch
@@ -201,6 +202,35 @@ def test_run_writes_metrics_config_and_checkpoints(tiny_setup, estimator):
     assert [r["gamma"] for r in recs] == [1.0, 1.0, 0.5, 0.5]
     assert all(abs(r["group_scalar"] - 0.5) < 0.5 for r in recs)
     assert recs[-1]["L_val"] < 2 * torch.log(torch.tensor(32.0)).item()
+
+
+def test_unknown_estimator_is_one_sentence_naming_the_choices(tiny_setup):
+    with pytest.raises(ConfigError, match="bilevel.estimator") as err:
+        train_rater(_cfg(tiny_setup, "magic", estimator="magic"))
+    assert "penalty, reference, lookahead" in str(err.value) and "'magic'" in str(err.value)
+
+
+def test_a_new_rule_is_one_registered_class():
+    """The trainer looks rules up by name: registering a class is all a new rule needs."""
+    @register
+    class Twice(Penalty):
+        name = "twice"
+
+        def coefficients(self, ctx):
+            return 2 * ctx.train_loss_B
+
+    try:
+        cfg = BilevelConfig(estimator="twice", center=False, entropy_reg=0.5)
+        est = build_estimator(cfg, None, None, 0.0)
+        assert isinstance(est, Twice) and est.center is False and est.entropy_reg == 0.5
+        assert "twice" in ESTIMATORS
+        w_B, l_B = torch.tensor([0.2, 0.3, 0.5]), torch.tensor([1.0, 2.0, 3.0])
+        loss = est.rater_loss(StepContext(None, None, None, RaterOutput(w_B, w_B, torch.tensor(1.0)), l_B,
+                                          None, None, None))
+        entropy = -(w_B * w_B.log()).sum()  # the entropy term lives in the base class, for every rule
+        assert loss.item() == pytest.approx((2 * w_B * l_B).sum().item() - 0.5 * entropy.item())
+    finally:
+        del ESTIMATORS["twice"]
 
 
 def test_resume_after_crash_gives_same_weights(tiny_setup, monkeypatch):

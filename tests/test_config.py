@@ -70,7 +70,6 @@ def test_unknown_key_in_json(tmp_path):
     ("--bs=1.5", "expects int"),
     ("--tlr=-1", "optim.tlr"),
     ("--sche=step", "optim.sche"),
-    ("--estimator=magic", "bilevel.estimator"),
     ("--patch_nums=1,3,2", "strictly increasing"),
     ("--image_size=128", "patch_nums[-1] * patch_size"),
     ("--patch_size=8", "downsampling"),

@@ -1,5 +1,9 @@
-"""Rater-update rules. Each turns one bilevel step into a loss for the rater; the trainer does not
-branch on which rule is in use (it only asks ``needs_snapshot`` and calls the hooks).
+"""Rater-update rules: the one file to edit to change how the rater learns.
+
+Each rule turns one bilevel step into a loss for the rater. ``ESTIMATORS`` maps the config's
+``bilevel.estimator`` name to its class; the trainer builds its rule with ``build_estimator`` and does
+not branch on which one is in use (it only asks ``needs_snapshot`` and calls the hooks). A new rule
+is one class here with a ``name`` and the ``@register`` decorator.
 
 All rules build a surrogate  Σ_i stopgrad(a_i) · W_i(µ)  whose gradient in µ is the rule's
 estimate of ∂L_val/∂µ; they differ in the per-sample coefficient a_i:
@@ -16,8 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from alchemist.config import BilevelConfig
 from alchemist.batch import TokenBatch
+from alchemist.config import BilevelConfig, ConfigError
 from alchemist.models.rater import RaterOutput
 from alchemist.utils.dist import average_grads, average_tensors
 
@@ -35,19 +39,38 @@ class StepContext:
     autocast: Callable[[], object]  # the run's autocast context factory
 
 
+def weight_entropy(weight_B: torch.Tensor) -> torch.Tensor:
+    """Entropy of the batch's weights normalised to sum 1 (the official code's regulariser)."""
+    p_B = weight_B.float() / weight_B.float().sum()
+    return -(p_B * p_B.clamp_min(1e-12).log()).sum()
+
+
 class Estimator:
     """``center``: subtract the batch mean from a_i. The instance weights are a softmax, so their
     gradient is unchanged by the shift; but the group scalar g multiplies every weight, and with
     penalty's always-positive a_i = l_i its gradient Σ softmax_i·a_i is always positive: g is driven
-    to 0 and takes every instance gradient with it (seen on the demo: g = 0.0024 after 64 steps)."""
+    to 0 and takes every instance gradient with it (seen on the demo: g = 0.0024 after 64 steps).
+    ``entropy_reg``: the weight of −entropy(W) added to every rule's loss."""
+    name = ""  # the config's bilevel.estimator
     needs_snapshot = False
+    # the rule's extra model passes per training image, beyond the step every rule shares (rater
+    # forward + backward, proxy forward + backward on the train and val batches); the FLOP model of
+    # alchemist/bench reads it: {"proxy_fwd_bwd": n, "proxy_fwd": m}
+    extra_passes: dict[str, int] = {}
     center = True
+    entropy_reg = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: BilevelConfig, proxy: nn.Module,
+                    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], grad_clip: float) -> Estimator:
+        return cls()
 
     def rater_loss(self, ctx: StepContext) -> torch.Tensor:
         a_B = self.coefficients(ctx)
         if self.center:
             a_B = a_B - a_B.mean()
-        return (ctx.rater_out.weight_B * a_B).sum()
+        loss = (ctx.rater_out.weight_B * a_B).sum()
+        return loss - self.entropy_reg * weight_entropy(ctx.rater_out.weight_B)
 
     def coefficients(self, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
@@ -62,13 +85,31 @@ class Estimator:
         pass
 
 
+ESTIMATORS: dict[str, type[Estimator]] = {}
+
+
+def register(cls: type[Estimator]) -> type[Estimator]:
+    ESTIMATORS[cls.name] = cls
+    return cls
+
+
+@register
 class Penalty(Estimator):
+    name = "penalty"
+
     def coefficients(self, ctx: StepContext) -> torch.Tensor:
         return ctx.train_loss_B
 
 
+@register
 class Reference(Estimator):
     """Keeps a reference proxy θ̂ trained on the weighted training batches only."""
+    name = "reference"
+    extra_passes = {"proxy_fwd_bwd": 1}  # the reference proxy's step
+
+    @classmethod
+    def from_config(cls, cfg, proxy, make_optimizer, grad_clip) -> Estimator:
+        return cls(proxy, make_optimizer, grad_clip)
 
     def __init__(self, proxy: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                  grad_clip: float):
@@ -102,6 +143,7 @@ class Reference(Estimator):
         self.opt.load_state_dict(state["opt"])
 
 
+@register
 class Lookahead(Estimator):
     """c_i = ∇l_i(θ)·v with v = ∇L_val(θ'), by a central difference along v.
 
@@ -111,7 +153,13 @@ class Lookahead(Estimator):
     is the exact ∂L_val(θ')/∂w_i = −η c_i up to O(ε²); with AdamW θ' is the real updated proxy.
     """
 
+    name = "lookahead"
     needs_snapshot = True
+    extra_passes = {"proxy_fwd_bwd": 1, "proxy_fwd": 2}  # v = ∇L_val(θ'), then l_i(θ ± εv)
+
+    @classmethod
+    def from_config(cls, cfg, proxy, make_optimizer, grad_clip) -> Estimator:
+        return cls(cfg.lookahead_eta, cfg.lookahead_eps)
 
     def __init__(self, eta: float, eps: float):
         self.eta, self.eps = eta, eps
@@ -148,15 +196,17 @@ def alignment(proxy: nn.Module, params: list[torch.Tensor], theta: list[torch.Te
     return (losses[0] - losses[1]) / (2 * step)  # in the model's dtype: a cast before the difference cancels
 
 
+def estimator_class(name: str) -> type[Estimator]:
+    """The rule registered under ``name``; an unknown name is a ConfigError listing the valid ones."""
+    if name not in ESTIMATORS:
+        raise ConfigError(f"bilevel.estimator must be one of {', '.join(ESTIMATORS)}, got {name!r}")
+    return ESTIMATORS[name]
+
+
 def build_estimator(cfg: BilevelConfig, proxy: nn.Module,
                     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], grad_clip: float) -> Estimator:
-    if cfg.estimator == "penalty":
-        est = Penalty()
-    elif cfg.estimator == "reference":
-        est = Reference(proxy, make_optimizer, grad_clip)
-    elif cfg.estimator == "lookahead":
-        est = Lookahead(cfg.lookahead_eta, cfg.lookahead_eps)
-    else:
-        raise ValueError(f"unknown estimator {cfg.estimator!r}")
+    """The rule ``cfg.estimator`` names, with the options every rule shares (centring, entropy)."""
+    est = estimator_class(cfg.estimator).from_config(cfg, proxy, make_optimizer, grad_clip)
     est.center = cfg.center
+    est.entropy_reg = cfg.entropy_reg
     return est

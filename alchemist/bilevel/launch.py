@@ -1,21 +1,20 @@
-"""Wire config -> data, models, estimator, trainer; resume; run. The one function train_rater.py calls."""
+"""Wire config -> data, models, trainer; then the shared run path. The one function train_rater.py calls."""
 from __future__ import annotations
 
 from typing import Any
 
-from alchemist.bilevel.estimators import build_estimator
+from alchemist.bilevel.estimators import estimator_class
 from alchemist.bilevel.trainer import BilevelTrainer
 from alchemist.build import build_proxy, build_rater, build_text_encoder, build_tokenizer
-from alchemist.config import ConfigError, RaterConfig, save_config
+from alchemist.config import ConfigError, RaterConfig
 from alchemist.data.pairs import SkipLog, load_pairs
 from alchemist.data.tokens import Featurizer
-from alchemist.runtime import make_stream, resume_path, setup_runtime
-from alchemist.utils.checkpoint import load_checkpoint
+from alchemist.runtime import make_stream, setup_runtime
 
 
 def train_rater(cfg: RaterConfig) -> dict[str, Any]:
+    estimator_class(cfg.bilevel.estimator)  # an unknown rule fails before any data is read
     rt = setup_runtime(cfg.optim.bs, cfg.seed)
-    run_dir = cfg.output.run_dir
     skip_log = SkipLog()
     val_table = load_pairs(cfg.data.val_csv_path, cfg.data, skip_log)
     train_table = load_pairs(cfg.data.train_csv_path, cfg.data, skip_log)
@@ -31,21 +30,6 @@ def train_rater(cfg: RaterConfig) -> dict[str, Any]:
     proxy = build_proxy(cfg.model, text_encoder.width, rt.device)
     rater = build_rater(cfg.model, text_encoder.width, rt.device, cfg.bilevel.double_softmax)
 
-    def estimator_factory(p, make_opt):
-        return build_estimator(cfg.bilevel, p, make_opt, cfg.optim.grad_clip)
-
-    trainer = BilevelTrainer(cfg, proxy, rater, estimator_factory, Featurizer(vqvae, text_encoder, rt.device),
-                             val, train, rt.device, is_main=rt.is_main, on_skipped=skip_log.extend)
-    resume = resume_path(cfg.output)
-    if resume is not None:
-        trainer.load_state_dict(load_checkpoint(resume))
-        if rt.is_main:
-            print(f"resumed from {resume} at step {trainer.step_idx}")
-    if rt.is_main:
-        save_config(cfg, run_dir / "config.json")
-    try:
-        summary = trainer.fit()
-    finally:
-        skip_log.write(run_dir / ("skipped.csv" if rt.world == 1 else f"skipped_rank{rt.rank}.csv"))
-    summary["skipped_rows"] = skip_log.count
-    return summary
+    trainer = BilevelTrainer(cfg, proxy, rater, Featurizer(vqvae, text_encoder, rt.device), val, train, rt.device,
+                             is_main=rt.is_main, on_skipped=skip_log.extend)
+    return trainer.run(skip_log, rt.rank, rt.world)

@@ -9,21 +9,21 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from alchemist.bilevel.estimators import Estimator, StepContext
+from alchemist.bilevel.estimators import Estimator, StepContext, build_estimator, weight_entropy
 from alchemist.config import RaterConfig
 from alchemist.data.sampler import Stream
 from alchemist.loop import TrainLoop
 from alchemist.batch import TokenBatch
 from alchemist.utils.dist import broadcast_params, replica_spread
 from alchemist.utils.optim import build_optimizer, set_lr
-from alchemist.utils.schedule import gamma_at, lr_factor
+from alchemist.utils.schedule import gamma_at
 
 
 class BilevelTrainer(TrainLoop):
     desc = "bilevel"
     progress_keys = ("L_val", "gamma", "lr", "img_per_s")
 
-    def __init__(self, cfg: RaterConfig, proxy: nn.Module, rater: nn.Module, estimator_factory,
+    def __init__(self, cfg: RaterConfig, proxy: nn.Module, rater: nn.Module,
                  featurize: Callable[[Any], TokenBatch | None], val: Stream, train: Stream,
                  device: torch.device, is_main: bool = True, on_skipped: Callable[[list], None] = lambda s: None):
         super().__init__(cfg, featurize, -(-val.sampler.per_rank() // val.batch_size), device, is_main, on_skipped)
@@ -34,10 +34,9 @@ class BilevelTrainer(TrainLoop):
         self.proxy.requires_grad_(not cfg.bilevel.fix_proxy)
         self.opt_proxy = None if cfg.bilevel.fix_proxy else make_opt(proxy, o.tlr, o.twd)
         self.opt_rater = make_opt(rater, o.rater_lr, o.rater_wd)
-        self.estimator: Estimator = estimator_factory(proxy, lambda m: make_opt(m, o.tlr, o.twd))
+        self.estimator: Estimator = build_estimator(cfg.bilevel, proxy, lambda m: make_opt(m, o.tlr, o.twd),
+                                                    o.grad_clip)
         self.scalers = [self.new_scaler(), self.new_scaler()]
-        wp_epochs = o.wp if o.wp > 0 else o.ep / 50
-        self.warmup_steps = max(1, round(wp_epochs * self.steps_per_epoch))
         self._train_iter = None
 
     def epoch_batches(self) -> Iterator[tuple]:
@@ -53,7 +52,7 @@ class BilevelTrainer(TrainLoop):
         cfg = self.cfg
         gamma = gamma_at(self.epoch, cfg.bilevel.gamma_start, cfg.bilevel.gamma_decay,
                          cfg.bilevel.gamma_decay_from, cfg.bilevel.gamma_min)
-        lr_f = lr_factor(cfg.optim.sche, self.step_idx, self.warmup_steps, self.total_steps, cfg.optim.wp0, cfg.optim.wpe)
+        lr_f = self.lr_factor()
         if self.opt_proxy is not None:
             set_lr(self.opt_proxy, cfg.optim.tlr * lr_f)
         set_lr(self.opt_rater, cfg.optim.rater_lr * lr_f)
@@ -74,14 +73,11 @@ class BilevelTrainer(TrainLoop):
             return None
         theta_before = ([p.detach().clone() for p in self.proxy.parameters() if p.requires_grad]
                         if self.estimator.needs_snapshot else None)
-        proxy_gnorm = self.optimizer_step(self.proxy, self.opt_proxy, proxy_loss, self.scalers[0])
+        proxy_gnorm = self.proxy_step(proxy_loss)
 
         ctx = StepContext(self.proxy, train, val, rater_out, train_loss_B.detach().float(), weight_B,
                           theta_before, self.autocast)
         rater_loss = self.estimator.rater_loss(ctx)
-        p_B = rater_out.weight_B.float() / rater_out.weight_B.float().sum()
-        entropy = -(p_B * p_B.clamp_min(1e-12).log()).sum()
-        rater_loss = rater_loss - cfg.bilevel.entropy_reg * entropy
         if not torch.isfinite(rater_loss):
             return None
         rater_gnorm = self.optimizer_step(self.rater, self.opt_rater, rater_loss, self.scalers[1])
@@ -90,11 +86,22 @@ class BilevelTrainer(TrainLoop):
         per_scale = self.proxy.per_scale_loss(val_loss_BL.detach().float())
         out = {"L_val": val_loss.item(), "weighted_train_loss": weighted.item(),
                "train_loss": train_loss_B.float().mean().item(), "rater_loss": rater_loss.item(),
-               "gamma": gamma, "lr": cfg.optim.tlr * lr_f, "w_entropy": entropy.detach().item(),
+               "gamma": gamma, "lr": cfg.optim.tlr * lr_f, "w_entropy": weight_entropy(w).item(),
                "w_max": w.max().item(), "w_min": w.min().item(), "group_scalar": float(rater_out.group_scalar.detach()),
                "proxy_grad_norm": proxy_gnorm, "rater_grad_norm": rater_gnorm}
         out.update({f"L_val_s{i}": v for i, v in enumerate(per_scale.tolist())})
         return out
+
+    def proxy_step(self, loss: torch.Tensor) -> float:
+        """One update of the proxy on ``loss`` with its optimiser and scaler; the gradient norm."""
+        return self.optimizer_step(self.proxy, self.opt_proxy, loss, self.scalers[0])
+
+    def plain_proxy_step(self, batch: TokenBatch) -> float:
+        """A plain (unweighted) proxy step on one batch, in the run's precision: the step a bilevel
+        step is compared with (benchmarks, rule comparisons)."""
+        with self.autocast():
+            loss = self.proxy.per_sample_loss(batch).float().mean()
+        return self.proxy_step(loss)
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.opt_proxy, self.opt_rater) if o is not None]

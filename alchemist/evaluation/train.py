@@ -8,18 +8,16 @@ import torch
 from torch import nn
 
 from alchemist.build import build_proxy, build_text_encoder, build_tokenizer
-from alchemist.config import ConfigError, T2IConfig, save_config
+from alchemist.config import ConfigError, T2IConfig
 from alchemist.data.pairs import SkipLog, load_pairs
 from alchemist.data.sampler import Stream
 from alchemist.data.tokens import Featurizer
 from alchemist.evaluation.metrics import heldout_token_loss
 from alchemist.loop import TrainLoop
 from alchemist.batch import TokenBatch
-from alchemist.runtime import make_stream, resume_path, setup_runtime
-from alchemist.utils.checkpoint import load_checkpoint
+from alchemist.runtime import make_stream, setup_runtime
 from alchemist.utils.dist import broadcast_params
 from alchemist.utils.optim import build_optimizer, set_lr
-from alchemist.utils.schedule import lr_factor
 
 
 class T2ITrainer(TrainLoop):
@@ -38,7 +36,6 @@ class T2ITrainer(TrainLoop):
         o = cfg.optim
         self.opt = build_optimizer(proxy, o.opt, o.tlr, o.twd, (o.beta1, o.beta2))
         self.scaler = self.new_scaler()
-        self.warmup_steps = max(1, round((o.wp if o.wp > 0 else o.ep / 50) * steps))
 
     def epoch_batches(self) -> Iterator[tuple]:
         self.train.epoch = self.epoch
@@ -47,8 +44,7 @@ class T2ITrainer(TrainLoop):
         self.train.used = 0
 
     def train_step(self, batch: TokenBatch) -> dict[str, float] | None:
-        o = self.cfg.optim
-        lr = o.tlr * lr_factor(o.sche, self.step_idx, self.warmup_steps, self.total_steps, o.wp0, o.wpe)
+        lr = self.cfg.optim.tlr * self.lr_factor()
         set_lr(self.opt, lr)
         self.proxy.train()
         with self.autocast():
@@ -94,14 +90,6 @@ def train_t2i(cfg: T2IConfig) -> dict[str, Any]:
         return {"heldout_loss": heldout_token_loss(proxy, featurize, val.make_loader(val.sampler))}
 
     trainer = T2ITrainer(cfg, proxy, featurize, train, evaluate, rt.device, rt.is_main, skip_log.extend)
-    resume = resume_path(cfg.output)
-    if resume is not None:
-        trainer.load_state_dict(load_checkpoint(resume))
-    if rt.is_main:
-        save_config(cfg, cfg.output.run_dir / "config.json")
-    try:
-        summary = trainer.fit()
-    finally:
-        skip_log.write(cfg.output.run_dir / ("skipped.csv" if rt.world == 1 else f"skipped_rank{rt.rank}.csv"))
+    summary = trainer.run(skip_log, rt.rank, rt.world)
     summary["train_rows"] = len(train_table)
     return summary

@@ -7,6 +7,11 @@ import math
 _HOLD = {"lin0": 0.05, "lin": 0.15}
 
 
+def warmup_steps(wp: float, ep: int, steps_per_epoch: int) -> int:
+    """``optim.wp`` warm-up epochs (<= 0: ep / 50, as VAR) in optimiser steps, at least one."""
+    return max(1, round((wp if wp > 0 else ep / 50) * steps_per_epoch))
+
+
 def lr_factor(sche: str, it: int, warmup_it: int, max_it: int, wp0: float = 0.005, wpe: float = 0.01) -> float:
     """Multiplier of the peak lr at iteration ``it`` (0-based) of ``max_it``.
 
