@@ -8,21 +8,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from alchemist import benchmark as bm
+from alchemist.bench.flops import (H100_BF16_DENSE_TFLOPS, RULES, component_flops, count_flops, meta_batch,
+                                   proxy_flops_analytic, step_flops)
+from alchemist.bench.harness import Bench, run_benchmark
+from alchemist.bench.report import format_table
+from alchemist.bench.synthetic import MODES, PRESETS, bench_config
 from alchemist.config import RaterConfig, load_config
 from alchemist.models.blocks import math_attention
 from alchemist.models.proxy import Proxy
 
 ROOT = Path(__file__).resolve().parents[1]
 # every caption longer than text_max_len: all batches pad to the same T, so FLOPs are exact per image
-CPU = dataclasses.replace(bm.PRESETS["cpu"], caption_words=(40, 50), score_bs=8)
+CPU = dataclasses.replace(PRESETS["cpu"], caption_words=(40, 50), score_bs=8)
 
 
 def test_cpu_preset_times_every_row():
-    res = bm.run_benchmark(CPU, steps=1, warmup=0)
+    res = run_benchmark(CPU, steps=1, warmup=0)
     rows = {(r.kind, r.mode, r.rule): r for r in res.rows}
-    expected = ([("plain", m, "") for m in bm.MODES] + [("bilevel", m, r) for r in bm.RULES for m in bm.MODES]
-                + [("score", m, "") for m in bm.MODES])
+    expected = ([("plain", m, "") for m in MODES] + [("bilevel", m, r) for r in RULES for m in MODES]
+                + [("score", m, "") for m in MODES])
     assert sorted(rows) == sorted(expected)
     bs, sbs = res.meta["bs"], res.meta["score_bs"]
     for r in res.rows:
@@ -43,7 +47,7 @@ def test_cpu_preset_times_every_row():
     assert rows[("bilevel", "raw", "reference")].gflop - rows[("bilevel", "tokens", "reference")].gflop == \
         pytest.approx(2 * bs * (c["tokenizer_encode"] + c["teacher_forcing_input"] + c["text_encoder"]) / 1e9)
     assert rows[("score", "tokens", "")].gflop * 1e9 == pytest.approx(sbs * c["rater_fwd"])
-    table = bm.format_table(res)
+    table = format_table(res)
     assert table.count("\n| bilevel ") == 9 and "GFLOP/s" in table
     json.dumps(res.to_dict())  # NaNs became nulls: valid JSON
 
@@ -52,24 +56,24 @@ def test_cpu_preset_times_every_row():
 def test_proxy_flops_counted_match_closed_form(depth, patch_nums, T, D, V):
     mcfg = load_config(RaterConfig, None, {"depth": depth, "patch_nums": list(patch_nums), "vocab_size": V, "Cvae": 8,
                                            "image_size": 16 * patch_nums[-1]}).model
-    b = bm._meta_batch(2, mcfg, T, D)
+    b = meta_batch(2, mcfg, T, D)
     with torch.device("meta"):
         proxy = Proxy.from_config(mcfg, D)
-    fwd_bwd = bm.count_flops(lambda: proxy.per_sample_loss(b).mean().backward())
-    fwd = bm.count_flops(lambda: proxy.per_sample_loss(b))
+    fwd_bwd = count_flops(lambda: proxy.per_sample_loss(b).mean().backward())
+    fwd = count_flops(lambda: proxy.per_sample_loss(b))
     args = (depth, patch_nums, T, D, V, 8)
-    assert fwd_bwd == 2 * bm.proxy_flops_analytic(*args)
-    assert fwd == 2 * bm.proxy_flops_analytic(*args, backward=False)
+    assert fwd_bwd == 2 * proxy_flops_analytic(*args)
+    assert fwd == 2 * proxy_flops_analytic(*args, backward=False)
     # a hand count of one term: depth 2, 30 tokens, C 128, V 64 → the head alone is 2·30·128·64 per image
     if depth == 2:
-        no_head = bm.proxy_flops_analytic(depth, patch_nums, T, D, 1, 8, backward=False)
-        assert bm.proxy_flops_analytic(*args, backward=False) - no_head == 2 * 30 * 128 * 63
+        no_head = proxy_flops_analytic(depth, patch_nums, T, D, 1, 8, backward=False)
+        assert proxy_flops_analytic(*args, backward=False) - no_head == 2 * 30 * 128 * 63
 
 
 def test_paper_scale_proxy_flops():
     """d16 proxy, 680 tokens, 77 caption tokens of width 1024, 4096 codes: ≈ 1.09 TFLOP per image fwd+bwd,
     within a few % of 6·N·tokens + attention."""
-    f = bm.proxy_flops_analytic(16, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 77, 1024, 4096, 32)
+    f = proxy_flops_analytic(16, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 77, 1024, 4096, 32)
     assert f == pytest.approx(1.0871e12, rel=1e-3)
     C, L, T = 1024, 680, 77
     n_token_params = 16 * 14 * C * C + C * 4096  # qkv, proj, q, proj, ffn (and the head) act on every token
@@ -80,22 +84,22 @@ def test_paper_scale_proxy_flops():
 def test_step_flop_model_matches_a_counted_real_step(tmp_path):
     """step_flops (per-image components × the step's structure) equals FlopCounterMode around the real
     train_step / plain step / scoring pass on CPU (math attention so SDPA is counted)."""
-    cfg = bm.bench_config(CPU, tmp_path)
-    bench = bm._Bench(cfg, CPU, tmp_path, lambda s: None)
+    cfg = bench_config(CPU, tmp_path)
+    bench = Bench(cfg, CPU, tmp_path, lambda s: None)
     assert bench.text_len == cfg.model.text_max_len
-    comp = bm.component_flops(cfg.model, CPU.text, bench.text_len)
+    comp = component_flops(cfg.model, CPU.text, bench.text_len)
     bs = cfg.optim.bs
-    for rule in bm.RULES:
+    for rule in RULES:
         trainer = bench.trainer(rule)
         for mode in ("tokens", "raw") if rule == "penalty" else ("cache",):
             with math_attention():
-                got = bm.count_flops(bench.bilevel_fn(trainer, mode))
-            assert got == pytest.approx(bm.step_flops(comp, "bilevel", mode, bs, rule), rel=2e-3), (rule, mode)
+                got = count_flops(bench.bilevel_fn(trainer, mode))
+            assert got == pytest.approx(step_flops(comp, "bilevel", mode, bs, rule), rel=2e-3), (rule, mode)
     with math_attention():
-        plain = bm.count_flops(bench.plain_fn(trainer, "cache"))
-        score = bm.count_flops(bench.score_fn(trainer, "raw"))
-    assert plain == pytest.approx(bm.step_flops(comp, "plain", "cache", bs), rel=2e-3)
-    assert score == pytest.approx(bm.step_flops(comp, "score", "raw", CPU.score_bs), rel=2e-3)
+        plain = count_flops(bench.plain_fn(trainer, "cache"))
+        score = count_flops(bench.score_fn(trainer, "raw"))
+    assert plain == pytest.approx(step_flops(comp, "plain", "cache", bs), rel=2e-3)
+    assert score == pytest.approx(step_flops(comp, "score", "raw", CPU.score_bs), rel=2e-3)
 
 
 def test_flops_only_cli_writes_json(tmp_path, capsys):
@@ -107,10 +111,10 @@ def test_flops_only_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "flops.json"
     bench.main(["--preset", "cpu", "--flops-only", "--json", str(out), "--bs=4"])
     summary = json.loads(out.read_text())
-    assert summary["bs"] == 4 and summary["peak_tflops"] == bm.H100_BF16_DENSE_TFLOPS
+    assert summary["bs"] == 4 and summary["peak_tflops"] == H100_BF16_DENSE_TFLOPS
     steps = {(s["step"], s["mode"]): s for s in summary["steps"]}
     per = summary["per_image"]
     pen = steps[("bilevel penalty", "tokens")]
     assert pen["tflop"] * 1e12 == pytest.approx(4 * (2 * per["proxy_fwd_bwd"] + per["rater_fwd_bwd"]))
-    assert pen["floor_s"] == pytest.approx(pen["tflop"] / bm.H100_BF16_DENSE_TFLOPS)
+    assert pen["floor_s"] == pytest.approx(pen["tflop"] / H100_BF16_DENSE_TFLOPS)
     assert "| bilevel lookahead | raw |" in capsys.readouterr().out

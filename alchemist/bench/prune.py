@@ -1,18 +1,16 @@
-"""Time and memory of pruning at scale (docs/selection.md records the results).
-
-    python scripts/bench_prune.py --n 30000000 --table --out runs/bench_prune.json
+"""Time and memory of pruning at scale (``scripts/bench.py prune``; docs/selection.md records the results).
 
 Each case runs in a fresh child process so that its peak RSS is its own:
   * ``select``: every strategy on N rank positions (``select(N, ...)``), and once from an
     unsorted score array (which adds the argsort that ranks it);
-  * ``table`` (with --table): a synthetic N-row ratings parquet (id, image_save_path, caption,
+  * ``table`` (with ``table=True``): a synthetic N-row ratings parquet (id, image_save_path, caption,
     score, rank) pruned end to end: read_ratings → prune_table → write_table (parquet).
 Peak memory is reported as the child's peak RSS minus its RSS before the case, and for the
 numpy-only cases also as tracemalloc's peak (numpy reports its buffers to tracemalloc).
+The child runs this module (``python -m alchemist.bench.prune CASE_JSON``), which imports no torch.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -23,6 +21,7 @@ import tempfile
 import time
 import tracemalloc
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -92,55 +91,45 @@ def make_table(n: int, path: Path) -> float:
 
 
 def measure(case: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)],
-                         capture_output=True, text=True, check=True)
+    """``run_case`` in a fresh process (the package's parent folder on its path, whatever the cwd)."""
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    out = subprocess.run([sys.executable, "-m", "alchemist.bench.prune", json.dumps(case)],
+                         capture_output=True, text=True, check=True, env=env)
     return {**case, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=30_000_000)
-    ap.add_argument("--retention", type=float, nargs="+", default=[0.2, 0.5])
-    ap.add_argument("--table", action="store_true", help="also prune a synthetic N-row parquet end to end")
-    ap.add_argument("--out", default="", help="write all results as JSON here")
-    ap.add_argument("--case", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
-        return 0
-
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"python {platform.python_version()}, numpy {np.__version__}")
+def run_prune_benchmark(n: int, retentions: Sequence[float] = (0.2, 0.5), table: bool = False,
+                        log: Callable[[str], None] = print) -> list[dict]:
+    """Every strategy at every retention on N rank positions, shift_gsample also from unsorted scores,
+    and (``table``) end-to-end pruning of an N-row parquet; one result dict per case."""
+    log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"python {platform.python_version()}, numpy {np.__version__}")
     results = []
-    for r in args.retention:
+    for r in retentions:
         for strategy in STRATEGY_CASES:
-            res = measure({"kind": "select", "n": args.n, "strategy": strategy, "retention": r, "from_scores": False})
+            res = measure({"kind": "select", "n": n, "strategy": strategy, "retention": r, "from_scores": False})
             results.append(res)
-            print(f"select   N={args.n:,} {strategy:14s} r={r:.2f}  {res['seconds']:6.2f} s  "
-                  f"peak +{res['peak_mb']:7.0f} MiB RSS, {res['traced_mb']:7.0f} MiB traced")
-        res = measure({"kind": "select", "n": args.n, "strategy": "shift_gsample", "retention": r, "from_scores": True})
+            log(f"select   N={n:,} {strategy:14s} r={r:.2f}  {res['seconds']:6.2f} s  "
+                f"peak +{res['peak_mb']:7.0f} MiB RSS, {res['traced_mb']:7.0f} MiB traced")
+        res = measure({"kind": "select", "n": n, "strategy": "shift_gsample", "retention": r, "from_scores": True})
         results.append(res)
-        print(f"select   N={args.n:,} {'shift_gsample':14s} r={r:.2f}  {res['seconds']:6.2f} s  "
-              f"peak +{res['peak_mb']:7.0f} MiB RSS, {res['traced_mb']:7.0f} MiB traced  (from unsorted scores)")
-    if args.table:
+        log(f"select   N={n:,} {'shift_gsample':14s} r={r:.2f}  {res['seconds']:6.2f} s  "
+            f"peak +{res['peak_mb']:7.0f} MiB RSS, {res['traced_mb']:7.0f} MiB traced  (from unsorted scores)")
+    if table:
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
             path = Path(tmp) / "ratings.parquet"
-            built = make_table(args.n, path)
-            print(f"table    built {path.stat().st_size / 2**20:.0f} MiB parquet in {built:.1f} s")
-            for r in args.retention:
-                res = measure({"kind": "table", "n": args.n, "strategy": "shift_gsample", "retention": r,
+            built = make_table(n, path)
+            log(f"table    built {path.stat().st_size / 2**20:.0f} MiB parquet in {built:.1f} s")
+            for r in retentions:
+                res = measure({"kind": "table", "n": n, "strategy": "shift_gsample", "retention": r,
                                "path": str(path), "out": str(Path(tmp) / "subset.parquet")})
                 results.append(res)
-                print(f"table    N={args.n:,} shift_gsample r={r:.2f}  {res['seconds']:6.2f} s "
-                      f"(read {res['read_s']:.2f}, select {res['select_s']:.2f}, write {res['write_s']:.2f})  "
-                      f"peak +{res['peak_mb']:7.0f} MiB RSS")
-    if args.out:
-        from alchemist.utils.io import atomic_open
-
-        with atomic_open(args.out) as f:
-            json.dump(results, f, indent=1)
-    return 0
+                log(f"table    N={n:,} shift_gsample r={r:.2f}  {res['seconds']:6.2f} s "
+                    f"(read {res['read_s']:.2f}, select {res['select_s']:.2f}, write {res['write_s']:.2f})  "
+                    f"peak +{res['peak_mb']:7.0f} MiB RSS")
+    return results
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the child of ``measure``
+    print(json.dumps(run_case(json.loads(sys.argv[1]))))
