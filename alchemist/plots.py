@@ -19,8 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from alchemist.selection import (DEFAULT_MU, DEFAULT_SIGMA, default_shift, inclusion_probability,  # noqa: E402
-                                 select)
+from alchemist.selection import discarded_head, inclusion_probability, sampling_weight, select  # noqa: E402
 
 _CURVE_N = 200_000  # rows on which the (large-N) expected inclusion curve is evaluated
 
@@ -50,15 +49,13 @@ def plot_selection(ratings: pd.DataFrame, strategy: str, retention: float | int,
     frac = k / n
     expected = inclusion_probability(m, strategy, max(1, round(frac * m)), **params)
     ax_r.plot(np.arange(m) / m, expected, color="k", lw=1.2, label="expected (large N)")
-    if strategy in ("gsample", "shift_gsample"):
-        mu, sigma = params.get("mu", DEFAULT_MU), params.get("sigma", DEFAULT_SIGMA)
-        pos = np.linspace(0, 1, 501)
-        ax_r.plot(pos, np.exp(-((pos - mu) ** 2) / (2 * sigma**2)), "--", color="tab:orange",
-                  label=f"weight exp(-(pos-{mu:g})²/2·{sigma:g}²)")
-        if strategy == "shift_gsample":
-            shift = params.get("shift")
-            shift = default_shift(frac) if shift is None else shift
-            ax_r.axvspan(0, shift, color="tab:red", alpha=0.08, label=f"discarded head (pos < {shift:.3g})")
+    pos = np.linspace(0, 1, 501)
+    weight = sampling_weight(strategy, pos, **params)
+    if weight is not None:
+        ax_r.plot(pos, weight[0], "--", color="tab:orange", label=weight[1])
+    shift = discarded_head(strategy, frac, **params)
+    if shift is not None:
+        ax_r.axvspan(0, shift, color="tab:red", alpha=0.08, label=f"discarded head (pos < {shift:.3g})")
     ax_r.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="rank position (0 = best)", ylabel="share of rows kept",
              title=f"{strategy}, {k:,} of {n:,} kept ({frac:.0%})")
     ax_r.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)

@@ -1,4 +1,5 @@
-"""Pruning strategies: which rows of a ranked dataset to keep (docs/method.md §6).
+"""Pruning strategies: which rows of a ranked dataset to keep (docs/method.md §6). The one file to
+edit to change the pruning rule: figures and experiments read the rule from here.
 
 Everything here works in *rank space*: position 0 is the best-rated pair and
 ``pos = rank / N`` lies in [0, 1). :func:`select` is pure and deterministic for
@@ -32,6 +33,7 @@ PARAMS = {
     "bottomk": (),
     "random": (),
 }
+SEEDED = ("random", "gsample", "shift_gsample")  # strategies whose selection depends on the seed
 DEFAULT_MU = 0.55
 DEFAULT_SIGMA = 0.15
 DEFAULT_BLOCK_START = 0.4  # the paper's best windows start around s0.4-s0.6
@@ -103,6 +105,25 @@ def inclusion_probability(n_total: int, strategy: str, retention: float | int, *
     p = np.zeros(n_total)
     p[head:] = 1.0 if k == n_total - head else _threshold_inclusion(logw, k)
     return p
+
+
+def sampling_weight(strategy: str, pos: np.ndarray, **params) -> tuple[np.ndarray, str] | None:
+    """For the Gaussian samplers: the relative sampling weight at rank positions ``pos`` and its
+    formula (for figures); None for the strategies that do not sample by weight."""
+    strategy, params = _check_params(strategy, params)
+    if strategy not in ("gsample", "shift_gsample"):
+        return None
+    mu, sigma = params.get("mu", DEFAULT_MU), params.get("sigma", DEFAULT_SIGMA)
+    return np.exp(-((pos - mu) ** 2) / (2 * sigma**2)), f"weight exp(-(pos-{mu:g})²/2·{sigma:g}²)"
+
+
+def discarded_head(strategy: str, fraction: float, **params) -> float | None:
+    """The head (rank fraction) a strategy drops before selecting ``fraction`` of the rows:
+    Shift-Gsample's shift; None for the strategies that drop none."""
+    if strategy != "shift_gsample":
+        return None
+    shift = params.get("shift")
+    return default_shift(fraction) if shift is None else shift
 
 
 def rank_histogram(positions: np.ndarray, n_total: int, bins: int = 10) -> np.ndarray:
