@@ -1,101 +1,82 @@
 #!/usr/bin/env python
-"""`make demo`: the whole pipeline on the embedded demo data, on a CPU, in minutes.
+"""The demo on generated data, on a CPU, in minutes (the pipeline is `make demo`).
 
-1 demo dataset -> 2 tokenizer -> 3 rater (bilevel) -> 4 scores -> 5 Shift-Gsample 50 % subset
--> 6 pictures -> 7 where each planted kind landed. Every stage reuses its output when it is
-already there (the rater resumes from its last checkpoint), so a rerun continues where it stopped.
-Outputs go under runs/demo/ (or --out).
+    python scripts/demo.py [--out runs/demo] [--n-train 2000 ...] [--key=value ...]
+        the whole pipeline: 1 demo dataset -> 2 tokenizer -> 3 rater (bilevel) -> 4 scores ->
+        5 Shift-Gsample 50 % subset -> 6 pictures -> 7 where each planted kind landed;
+        any other --key=value goes to the rater config (configs/demo_rater.json), e.g. --estimator=penalty
+    python scripts/demo.py data --out DIR [--n-train 2000 --rate-noise 0.1 ... --force]
+        only the demo dataset: images/*.png, train.csv, val.csv, defects.csv (ground truth), spec.json
+    python scripts/demo.py generation [--out runs/demo] [--grid PNG] [--key=value ...]
+        dataset -> tokenizer -> a T2I model (configs/demo_t2i.json, <out>/t2i) -> a sample grid;
+        any other --key=value goes to the T2I config
+
+Every stage reuses its output when it is already there (models resume from their last checkpoint),
+so a rerun continues where it stopped. The logic lives in experiments/demo.py.
 """
 from __future__ import annotations
 
 import argparse
-import time
-from pathlib import Path
+import dataclasses
+import sys
 
-import pandas as pd
-
-from alchemist.bilevel.launch import train_rater
-from alchemist.tokenizer_training import train_tokenizer_for
-from alchemist.config import RaterConfig, load_config
-from alchemist.data.demo import DemoSpec, format_summary, generate_demo
-from alchemist.evaluation.planted import format_kind_report, kind_report
-from alchemist.plots import plot_rank_bands, plot_selection
-from alchemist.ratings import read_ratings, write_ratings
-from alchemist.scoring import rate_file
-from alchemist.selection import prune_table
+from experiments.demo_data import DemoSpec, format_summary, generate_demo
 
 
-def stage(title: str) -> float:
-    print(f"\n=== {title}", flush=True)
-    return time.perf_counter()
-
-
-def done(t: float) -> None:
-    print(f"({time.perf_counter() - t:.1f}s)", flush=True)
-
-
-def train_tokenizer(cfg: RaterConfig, out: Path, steps: int) -> None:
-    """The demo's own tokenizer: no pretrained VQ weights exist offline."""
-    stats = train_tokenizer_for(cfg.model, cfg.data.train_csv_path, out, steps, cfg.seed, cfg.data.num_workers)
-    print(f"tokenizer: recon MSE {stats['recon_mse']:.4f}, codebook usage {stats['usage']:.0%}, "
-          f"perplexity {stats['perplexity']:.0f} -> {out}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="runs/demo", help="folder for every demo output")
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-val", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-steps", type=int, default=800)
+
+
+def pipeline_main(argv: list[str]) -> None:
+    from experiments.demo import run_demo
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(ap)
     ap.add_argument("--retention", type=float, default=0.5)
     args, overrides = ap.parse_known_args(argv)
-    out = Path(args.out)
-    data = out / "data"
+    run_demo(args.out, args.n_train, args.n_val, args.seed, args.tokenizer_steps, args.retention, overrides)
 
-    t = stage("1. demo dataset")
-    print(format_summary(generate_demo(data, DemoSpec(n_train=args.n_train, n_val=args.n_val, seed=args.seed))))
-    done(t)
 
-    paths = {"train_csv_path": data / "train.csv", "val_csv_path": data / "val.csv", "ckpt_path": out,
-             "local_out_dir_path": out, "seed": args.seed}
-    # any other --key=value goes to the rater config, e.g. --estimator=lookahead --ep=3
-    cfg = load_config(RaterConfig, "configs/demo_rater.json", [f"--{k}={v}" for k, v in paths.items()] + overrides)
+def data_main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(prog="demo.py data", description="Generate the demo dataset; an existing output "
+                                 "with the same spec is reused unless --force.")
+    ap.add_argument("--out", required=True, help="output folder")
+    for f in dataclasses.fields(DemoSpec):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                        help=f"default {f.default}")
+    ap.add_argument("--force", action="store_true", help="regenerate even if OUT holds the same spec")
+    args = ap.parse_args(argv)
+    try:
+        spec = DemoSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoSpec)})
+    except ValueError as e:
+        ap.error(str(e))
+    print(format_summary(generate_demo(args.out, spec, force=args.force)))
 
-    t = stage("2. tokenizer")
-    train_tokenizer(cfg, out / "tokenizer.pt", args.tokenizer_steps)  # resumes a killed run, reuses a finished one
-    done(t)
 
-    t = stage(f"3. rater: bilevel training, rule '{cfg.bilevel.estimator}'")
-    summary = train_rater(cfg)
-    print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if not k.startswith("L_val_s")})
-    done(t)
+def generation_main(argv: list[str]) -> None:
+    from experiments.demo import run_generation
 
-    t = stage("4. scoring the training set")
-    ratings_path = out / "ratings.parquet"
-    if ratings_path.exists():
-        print(f"reusing {ratings_path}")
-    else:
-        rate_file(cfg.output.run_dir, data / "train.csv", ratings_path, overrides=[f"--ckpt_path={out}"])
-    ratings = read_ratings(ratings_path)
-    done(t)
+    ap = argparse.ArgumentParser(prog="demo.py generation", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(ap)
+    ap.add_argument("--grid", default="", help="PNG path (default <out>/samples.png)")
+    ap.add_argument("--rows", type=int, default=8, help="val captions in the grid")
+    ap.add_argument("--samples", type=int, default=4, help="samples per caption")
+    args, overrides = ap.parse_known_args(argv)
+    run_generation(args.out, args.n_train, args.n_val, args.seed, args.tokenizer_steps, args.grid, args.rows,
+                   args.samples, overrides)
 
-    t = stage(f"5. Shift-Gsample {args.retention:.0%} subset")
-    subset = prune_table(ratings, "shift_gsample", args.retention, seed=args.seed, keep_scores=True)
-    write_ratings(subset, out / "subset_ratings.parquet")
-    subset.drop(columns=["score", "rank"]).to_csv(out / "subset.csv", index=False)
-    print(f"kept {len(subset)} of {len(ratings)} pairs -> {out / 'subset.csv'}")
-    done(t)
 
-    t = stage("6. pictures")
-    print(plot_selection(ratings, "shift_gsample", args.retention, out / "selection.png", seed=args.seed))
-    print(plot_rank_bands(ratings, out / "rank_bands.png", seed=args.seed))
-    done(t)
-
-    stage("7. where the planted kinds landed (ground truth from defects.csv; never read in training)")
-    defects = pd.read_csv(data / "defects.csv", dtype={"id": str})
-    report = kind_report(ratings, defects[defects["split"] == "train"], selected_ids=subset["id"])
-    print(format_kind_report(report))
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"data": data_main, "generation": generation_main}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    return pipeline_main(argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from alchemist.bilevel.estimators import (ESTIMATORS, Lookahead, Penalty, StepCo
 from alchemist.bilevel.launch import train_rater
 from alchemist.loop import NonFiniteLossError
 from alchemist.config import BilevelConfig, ConfigError, RaterConfig, load_config
-from alchemist.data.demo import DemoSpec, generate_demo
 from alchemist.data.sampler import ResumableSampler
 from alchemist.batch import TextFeatures, TokenBatch
 from alchemist.models.blocks import math_attention
@@ -23,6 +22,7 @@ from alchemist.models.vqvae import VQVAE
 from alchemist.utils.checkpoint import latest_checkpoint, load_checkpoint
 from alchemist.utils.optim import param_groups
 from alchemist.utils.schedule import gamma_at, lr_factor
+from experiments.demo_data import DemoSpec, generate_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 PATCH_NUMS = (1, 2, 4)

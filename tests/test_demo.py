@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from alchemist.config import DataConfig
-from alchemist.data.demo import DemoSpec, format_summary, generate_demo
 from alchemist.data.pairs import SkipLog, load_pairs
+from experiments.demo_data import DemoSpec, format_summary, generate_demo
 
 SPEC = DemoSpec(n_train=200, n_val=40, image_size=32, seed=0)
 

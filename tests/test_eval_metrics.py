@@ -1,4 +1,5 @@
-"""Offline metrics (alchemist.evaluation.metrics) and the attribute classifier they use."""
+"""Offline metrics (alchemist.evaluation.metrics) and the demo's attribute classifier with the metrics it
+judges (experiments.attributes: GenEval-lite, FID-lite)."""
 import importlib.util
 import warnings
 from pathlib import Path
@@ -9,17 +10,16 @@ import pytest
 import torch
 from scipy import linalg
 
-from alchemist.data.demo import DemoSpec, generate_demo
-from alchemist.data.tokens import Featurizer
-from alchemist.evaluation.attributes import (ATTRIBUTES, AttributeClassifier, encode_attributes,
-                                             load_attribute_classifier, load_clean_demo, train_attribute_classifier)
-from alchemist.evaluation.metrics import (InceptionFeatures, clip_score, fid, fid_lite, frechet_distance,
-                                          frechet_distance_gaussians, generate_for_prompts, geneval_lite,
-                                          heldout_token_loss)
-from alchemist.heuristics import ClipScorer
 from alchemist.batch import TextFeatures
+from alchemist.data.tokens import Featurizer
+from alchemist.evaluation.metrics import (InceptionFeatures, clip_score, fid, frechet_distance,
+                                          frechet_distance_gaussians, generate_for_prompts, heldout_token_loss)
+from alchemist.heuristics import ClipScorer
 from alchemist.models.proxy import Proxy
 from alchemist.models.vqvae import VQVAE
+from experiments.attributes import (ATTRIBUTES, AttributeClassifier, encode_attributes, fid_lite, geneval_lite,
+                                    load_attribute_classifier, load_clean_demo, train_attribute_classifier)
+from experiments.demo_data import DemoSpec, generate_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,15 +194,15 @@ def test_classifier_errors(tmp_path, trained):
 
 
 def test_cli_prints_accuracy(demo_dir, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("clf_cli", ROOT / "scripts/train_attribute_classifier.py")
+    spec = importlib.util.spec_from_file_location("experiment_cli", ROOT / "scripts/experiment.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert cli.main(["--demo", str(demo_dir), "--out", str(tmp_path / "c.pt"), "--epochs", "1", "--extra", "0",
-                     "--threads", "1"]) == 0
+    assert cli.main(["classifier", "--demo", str(demo_dir), "--out", str(tmp_path / "c.pt"), "--epochs", "1",
+                     "--extra", "0", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "held-out accuracy on 300" in out and "background" in out
     assert load_attribute_classifier(tmp_path / "c.pt").config["image_size"] == 32
-    assert cli.main(["--demo", str(tmp_path / "missing"), "--out", str(tmp_path / "d.pt")]) == 2
+    assert cli.main(["classifier", "--demo", str(tmp_path / "missing"), "--out", str(tmp_path / "d.pt")]) == 2
 
 
 # ----------------------------------------------------------------------------- Inception / CLIP stand-ins

@@ -12,12 +12,14 @@ import torch
 
 from alchemist.build import build_rater, build_text_encoder
 from alchemist.config import ConfigError, RaterConfig, config_to_dict, load_config
-from alchemist.data.demo import DemoSpec, generate_demo
-from alchemist.evaluation import experiment as ex
 from alchemist.models.vqvae import VQVAE
 from alchemist.ratings import read_ratings
 from alchemist.scoring import rate_file
 from alchemist.selection import n_select
+from experiments import experiment as ex
+from experiments import report
+from experiments.demo_data import DemoSpec, generate_demo
+from experiments.types import DEFECT_KINDS, HEURISTIC_CANDIDATES, quick_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOMETRY = {"image_size": 16, "patch_size": 4, "patch_nums": "1,2,4", "vocab_size": 32, "Cvae": 8, "vae_ch": 32,
@@ -48,7 +50,7 @@ def demo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def quick(demo):
-    cfg = ex.quick_config(demo=str(demo), t2i_overrides=T2I, seeds=(0, 1), rule_arms=("penalty",))
+    cfg = quick_config(demo=str(demo), t2i_overrides=T2I, seeds=(0, 1), rule_arms=("penalty",))
     return cfg, ex.run_experiment(cfg, command="pytest", progress=False)
 
 
@@ -56,7 +58,7 @@ def test_every_arm_trains_and_is_measured(quick):
     cfg, res = quick
     names = [a["arm"] for a in res["arms"]]
     heur = res["heuristics"]["trained"]
-    assert len(heur) == 1 and heur[0] in ex.HEURISTIC_CANDIDATES
+    assert len(heur) == 1 and heur[0] in HEURISTIC_CANDIDATES
     assert names == ["full", "random_50", "shift_gsample_50", "topk_50", f"{heur[0]}_50", "penalty_shift_gsample_50",
                      "random_20", "shift_gsample_20"]
     assert len(res["runs"]) == len(names) * 2
@@ -97,7 +99,7 @@ def test_subsets_have_the_requested_sizes_and_seeds_vary_only_the_sampled_arms(q
 def test_results_section_figure_and_planted_tables(quick):
     cfg, res = quick
     doc = cfg.doc_path.read_text()
-    assert doc.count(ex.SECTION_START) == 1 and doc.count(ex.SECTION_END) == 1
+    assert doc.count(report.SECTION_START) == 1 and doc.count(report.SECTION_END) == 1
     for a in res["arms"]:
         assert f"| {a['label']} |" in doc
     assert "`pytest`" in doc and "mean ± std over 2 seeds" in doc and "rule `penalty`" in doc
@@ -106,9 +108,9 @@ def test_results_section_figure_and_planted_tables(quick):
     assert ref["n"] == 8 and math.isfinite(ref["geneval"]) and math.isfinite(ref["fid_lite"])
     assert "real val images (reference, 8)" in doc
     assert cfg.figure_path.is_file() and cfg.figure_path.stat().st_size > 10_000
-    assert set(res["planted"]) == {"rater", "rule:penalty", *ex.HEURISTIC_CANDIDATES}
+    assert set(res["planted"]) == {"rater", "rule:penalty", *HEURISTIC_CANDIDATES}
     for q in res["planted"].values():
-        assert all(0.0 <= v <= 1.0 for v in q["auroc"].values()) and set(q["auroc"]) <= set(ex.DEFECT_KINDS)
+        assert all(0.0 <= v <= 1.0 for v in q["auroc"].values()) and set(q["auroc"]) <= set(DEFECT_KINDS)
         assert all(abs(sum(row) - 1.0) < 1e-9 for row in q["deciles"].values())
     for a in res["arms"]:
         assert abs(sum(a["composition"].values()) - 1.0) < 1e-9
@@ -121,7 +123,7 @@ def test_rerun_trains_nothing_and_replaces_the_section(quick, demo):
     assert [r["heldout_loss"] for r in again["runs"]] == [r["heldout_loss"] for r in res["runs"]]
     assert [r["fid_lite"] for r in again["runs"]] == [r["fid_lite"] for r in res["runs"]]
     doc = cfg.doc_path.read_text()
-    assert doc.count(ex.SECTION_START) == 1 and "`pytest again`" in doc and "`pytest`" not in doc
+    assert doc.count(report.SECTION_START) == 1 and "`pytest again`" in doc and "`pytest`" not in doc
 
     # a run killed after its last checkpoint but before its summary: resumed, not retrained from scratch
     run = Path(res["runs"][0]["run_dir"])
@@ -134,36 +136,36 @@ def test_rerun_trains_nothing_and_replaces_the_section(quick, demo):
 
 def test_a_run_folder_of_another_config_is_refused(quick):
     cfg, _ = quick
-    other = ex.quick_config(demo=cfg.demo, t2i_overrides=T2I + ("--tlr=0.01",), seeds=(0,))
+    other = quick_config(demo=cfg.demo, t2i_overrides=T2I + ("--tlr=0.01",), seeds=(0,))
     with pytest.raises(ConfigError, match="another config"):
         ex.run_experiment(other, progress=False)
     with pytest.raises(ConfigError, match="no <rules_dir>/<rule>/ratings.parquet"):
-        ex.run_experiment(ex.quick_config(demo=cfg.demo, t2i_overrides=T2I, rule_arms=("reference",)), progress=False)
+        ex.run_experiment(quick_config(demo=cfg.demo, t2i_overrides=T2I, rule_arms=("reference",)), progress=False)
     with pytest.raises(ConfigError, match="set by the experiment"):
-        ex.base_t2i_config(ex.quick_config(demo=cfg.demo, t2i_overrides=T2I + ("--ep=3",)))
+        ex.base_t2i_config(quick_config(demo=cfg.demo, t2i_overrides=T2I + ("--ep=3",)))
 
 
 def test_mean_std_and_doc_section_replacement(tmp_path):
-    assert ex.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
-    assert ex.mean_std([2.0]) == (2.0, 0.0)
+    assert report.mean_std([1.0, 3.0]) == (2.0, pytest.approx(2 ** 0.5))
+    assert report.mean_std([2.0]) == (2.0, 0.0)
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nkeep me\n")
-    ex.write_doc_section(doc, f"{ex.SECTION_START}\none\n{ex.SECTION_END}\n")
-    ex.write_doc_section(doc, f"{ex.SECTION_START}\ntwo\n{ex.SECTION_END}\n")
+    report.write_doc_section(doc, f"{report.SECTION_START}\none\n{report.SECTION_END}\n")
+    report.write_doc_section(doc, f"{report.SECTION_START}\ntwo\n{report.SECTION_END}\n")
     text = doc.read_text()
-    assert "keep me" in text and "two" in text and "one" not in text and text.count(ex.SECTION_START) == 1
+    assert "keep me" in text and "two" in text and "one" not in text and text.count(report.SECTION_START) == 1
 
 
 def test_cli_user_errors_are_one_line_exit_2(tmp_path, capsys):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("selection_experiment", ROOT / "scripts/selection_experiment.py")
+    spec = importlib.util.spec_from_file_location("experiment_cli", ROOT / "scripts/experiment.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    assert cli.main(["--demo", str(tmp_path / "nope"), "--quick"]) == 2
+    assert cli.main(["selection", "--demo", str(tmp_path / "nope"), "--quick"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "does not exist" in err and "\n" not in err
-    assert cli.main(["--demo", str(tmp_path), "--quick", "--seeds", "1,1"]) == 2
+    assert cli.main(["selection", "--demo", str(tmp_path), "--quick", "--seeds", "1,1"]) == 2
     assert "distinct" in capsys.readouterr().err
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from alchemist.data.demo import DemoSpec, generate_demo
-from alchemist.evaluation.planted import auroc, format_kind_report, kind_report
 from alchemist.ratings import rank_scores
+from experiments.demo_data import DemoSpec, generate_demo
+from experiments.planted import auroc, format_kind_report, kind_report
 
 
 def brute_auroc(pos, neg):

@@ -14,12 +14,12 @@ from alchemist import scoring
 from alchemist.build import build_rater, build_text_encoder, build_tokenizer
 from alchemist.config import ConfigError, RaterConfig, config_to_dict, load_config
 from alchemist.data.cache import build_cache
-from alchemist.data.demo import DemoSpec, generate_demo
 from alchemist.data.pairs import DataError, SkipLog, load_pairs
 from alchemist.data.tokens import Featurizer
 from alchemist.models.vqvae import VQVAE
 from alchemist.ratings import read_ratings
 from alchemist.scoring import load_rater, score_table, scoring_config, shards_dir, skipped_path
+from experiments.demo_data import DemoSpec, generate_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -232,7 +232,7 @@ def test_interrupted_training_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_training_on_a_pairs_table_and_its_heldout_mse(tmp_path):
-    from alchemist.data.demo import DemoSpec, generate_demo
+    from experiments.demo_data import DemoSpec, generate_demo
     from alchemist.data.pairs import PairsDataset, load_pairs
     from alchemist.config import DataConfig
     from alchemist.tokenizer_training import reconstruction_mse, train_vqvae_on_pairs

@@ -1,13 +1,12 @@
 """Offline metrics for a T2I model trained on a selected subset.
 
-- ``geneval_lite``: does each generated image show what its caption asks for, judged by the
-  demo attribute classifier (GenEval's idea, with a classifier instead of a detector);
-- ``fid_lite`` / ``fid``: Fréchet distance between generated and real images in the classifier's
-  feature space, or in a local Inception's (``InceptionFeatures``);
+- ``fid``: Fréchet distance between generated and real images in any feature space, e.g. a local
+  Inception's (``InceptionFeatures``);
 - ``clip_score``: caption-image agreement from a local CLIP (``alchemist.heuristics.ClipScorer``);
 - ``heldout_token_loss``: the proxy's mean token cross-entropy on clean held-out pairs, the
   paper's own meta-objective.
-Nothing here downloads: every model comes from a local path.
+Nothing here downloads: every model comes from a local path. The demo's GenEval-lite and FID-lite,
+judged by its attribute classifier, live with that classifier in ``experiments.attributes``.
 """
 from __future__ import annotations
 
@@ -17,46 +16,17 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from alchemist.evaluation.attributes import ATTRIBUTES, AttributeClassifier, encode_attributes
 from alchemist.heuristics import ClipScorer
 from alchemist.utils.dist import is_dist
 
 
 @torch.no_grad()
-def _batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
+def batched(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat([fn(b) for b in x.split(batch_size)])
-
-
-# ----------------------------------------------------------------------------- GenEval-lite
-def geneval_lite(classifier: AttributeClassifier, images_B3HW: torch.Tensor, requested: pd.DataFrame,
-                 batch_size: int = 500) -> dict[str, float]:
-    """Share of requested attributes the classifier reads back from the images.
-
-    ``requested`` has one row per image and any of the ``ATTRIBUTES`` columns (e.g. the rows of
-    defects.csv whose captions were the prompts); an empty cell means "not asked". Returns the
-    share per asked attribute, ``mean`` (over all asked (image, attribute) pairs) and
-    ``all_correct`` (share of images with every asked attribute right).
-    """
-    attrs = [a for a in ATTRIBUTES if a in requested.columns]
-    if not attrs:
-        raise ValueError(f"requested attributes need at least one of the columns {list(ATTRIBUTES)}")
-    if len(requested) != len(images_B3HW):
-        raise ValueError(f"{len(images_B3HW)} images but {len(requested)} rows of requested attributes")
-    want_BA = encode_attributes(requested, attrs)
-    classifier.eval()
-    pred_BA = _batched(classifier.predict, images_B3HW, batch_size)[:, [list(ATTRIBUTES).index(a) for a in attrs]]
-    asked_BA = want_BA >= 0
-    hit_BA = (pred_BA == want_BA) & asked_BA
-    out = {a: float(hit_BA[:, j].sum() / asked_BA[:, j].sum()) for j, a in enumerate(attrs) if asked_BA[:, j].any()}
-    any_asked = asked_BA.any(1)
-    out["mean"] = float(hit_BA.sum() / asked_BA.sum().clamp(min=1))
-    out["all_correct"] = float((hit_BA | ~asked_BA).all(1)[any_asked].float().mean()) if any_asked.any() else 0.0
-    return out
 
 
 # ----------------------------------------------------------------------------- Fréchet distance
@@ -109,14 +79,7 @@ def frechet_distance(feats_a, feats_b, eps: float = 1e-6) -> float:
 def fid(feature_fn: Callable[[torch.Tensor], torch.Tensor], gen_B3HW: torch.Tensor, real_B3HW: torch.Tensor,
         batch_size: int = 256) -> float:
     """Fréchet distance of generated to real images in the space of ``feature_fn`` (B3HW in [-1, 1] → (B, F))."""
-    return frechet_distance(_batched(feature_fn, gen_B3HW, batch_size), _batched(feature_fn, real_B3HW, batch_size))
-
-
-def fid_lite(classifier: AttributeClassifier, gen_B3HW: torch.Tensor, real_B3HW: torch.Tensor,
-             batch_size: int = 500) -> float:
-    """FID in the attribute classifier's penultimate features: cheap, and tuned to what the demo varies."""
-    classifier.eval()
-    return fid(classifier.features, gen_B3HW, real_B3HW, batch_size)
+    return frechet_distance(batched(feature_fn, gen_B3HW, batch_size), batched(feature_fn, real_B3HW, batch_size))
 
 
 # ----------------------------------------------------------------------------- local-weight models

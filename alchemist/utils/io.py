@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 
 @contextlib.contextmanager
@@ -32,3 +33,21 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
     return Path(path)
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """``obj`` as indented JSON, atomically; numpy scalars and paths are written as plain values."""
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.write("\n")
+    return Path(path)
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

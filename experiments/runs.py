@@ -2,7 +2,7 @@
 (skipped when finished, resumed when not), evaluation, and the pool that runs them.
 
 Workers are spawned processes, so what they run (``run_job``, ``_init_worker``) lives at the top level
-of this module, which imports nothing of the experiment's configuration or report.
+of this module, which imports nothing of the experiment's report.
 """
 from __future__ import annotations
 
@@ -17,43 +17,28 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from alchemist.build import build_proxy, build_text_encoder, build_tokenizer
 from alchemist.config import ConfigError, T2IConfig, config_to_dict
+from alchemist.data.cache import CacheDataset, build_cache
 from alchemist.data.pairs import DataError, load_pairs
-from alchemist.evaluation.experiment_arms import Arm
-from alchemist.utils.io import atomic_open
-
-if TYPE_CHECKING:
-    from alchemist.evaluation.experiment import ExperimentConfig
+from alchemist.evaluation.metrics import generate_for_prompts
+from alchemist.evaluation.train import train_t2i
+from alchemist.utils.checkpoint import latest_checkpoint, load_checkpoint
+from alchemist.utils.io import write_json
+from alchemist.utils.metrics import read_jsonl
+from experiments.attributes import fid_lite, geneval_lite, load_attribute_classifier, load_clean_demo
+from experiments.types import Arm, ExperimentConfig, finite
 
 
 # ----------------------------------------------------------------------------- small helpers
-def _write_json(obj: Any, path: Path) -> None:
-    with atomic_open(path) as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 def _ids_digest(ids: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:12]
-
-
-def _finite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 def set_threads(threads: int) -> None:
@@ -71,9 +56,6 @@ def build_caches(cfg: ExperimentConfig, base: T2IConfig, subsets: dict, progress
     epoch would otherwise take about 40 % of a CPU run (demo config: 0.3 s per batch of 32 next to a
     0.5 s optimizer step, and twice the forward pass of the held-out evaluation).
     """
-    from alchemist.build import build_text_encoder, build_tokenizer
-    from alchemist.data.cache import CacheDataset, build_cache
-
     root = cfg.out_dir / "cache"
     device = torch.device("cpu")
     encoders = []
@@ -176,7 +158,7 @@ def finished_summary(run_dir: Path, epochs: int) -> dict | None:
     s = json.loads(path.read_text())
     if s.get("epochs") != epochs:
         return None
-    if not _finite(s.get("heldout_loss")):
+    if not finite(s.get("heldout_loss")):
         curve = loss_curve(run_dir)
         if not curve or curve[-1]["epoch"] != epochs:
             return None
@@ -187,8 +169,6 @@ def finished_summary(run_dir: Path, epochs: int) -> dict | None:
 def loss_curve(run_dir: Path) -> list[dict]:
     """[{epoch, step, heldout_loss}] from metrics.jsonl, the last entry per epoch (a resumed run may
     have logged an epoch twice)."""
-    from alchemist.utils.metrics import read_jsonl
-
     path = run_dir / "metrics.jsonl"
     by_epoch = {}
     for rec in read_jsonl(path) if path.is_file() else []:
@@ -202,9 +182,6 @@ _SHARED: dict[str, Any] = {}  # per process: encoders, classifier and prompts, l
 
 
 def _shared(cfg: T2IConfig, ev: dict):
-    from alchemist.build import build_text_encoder, build_tokenizer
-    from alchemist.evaluation.attributes import load_attribute_classifier, load_clean_demo
-
     key = json.dumps([config_to_dict(cfg.model), ev], sort_keys=True)
     if _SHARED.get("key") != key:
         device = torch.device("cpu")
@@ -219,10 +196,6 @@ def _shared(cfg: T2IConfig, ev: dict):
 def evaluate_run(cfg: T2IConfig, ev: dict) -> dict:
     """GenEval-lite and FID-lite of the run's final weights on the first N clean val captions
     (generated with the config's cfg / top-k / top-p and the run's seed)."""
-    from alchemist.build import build_proxy
-    from alchemist.evaluation.metrics import fid_lite, generate_for_prompts, geneval_lite
-    from alchemist.utils.checkpoint import latest_checkpoint, load_checkpoint
-
     if ev["n_generate"] == 0:
         return {}
     sh = _shared(cfg, ev)
@@ -244,9 +217,6 @@ def evaluate_run(cfg: T2IConfig, ev: dict) -> dict:
 def reference_metrics(ev: dict) -> dict:
     """What real images score: GenEval-lite of the prompts' own images (the ceiling the classifier
     allows) and FID-lite of the next N clean val images against them (the floor at this sample size)."""
-    from alchemist.evaluation.attributes import load_attribute_classifier, load_clean_demo
-    from alchemist.evaluation.metrics import fid_lite, geneval_lite
-
     if not ev["n_generate"]:
         return {}
     real, rows = load_clean_demo(ev["data_dir"], "val")
@@ -267,13 +237,11 @@ def run_job(job: Job) -> dict:
     summary = finished_summary(run_dir, cfg.optim.ep)
     trained_now = summary is None
     if trained_now:
-        from alchemist.evaluation.train import train_t2i
-
         train_t2i(cfg)
         summary = finished_summary(run_dir, cfg.optim.ep)
         if summary is None:
             raise RuntimeError(f"run {str(run_dir)!r} finished without a held-out loss for its last epoch")
-        _write_json({"seconds": time.perf_counter() - t0}, run_dir / "train_time.json")
+        write_json({"seconds": time.perf_counter() - t0}, run_dir / "train_time.json")
     train_s = json.loads((run_dir / "train_time.json").read_text())["seconds"] \
         if (run_dir / "train_time.json").is_file() else math.nan
     t1 = time.perf_counter()
@@ -283,7 +251,7 @@ def run_job(job: Job) -> dict:
     done = json.loads(eval_path.read_text()) if eval_path.is_file() else None
     if done is None or done.get("settings") != settings:
         done = {"settings": settings, "metrics": evaluate_run(cfg, job.eval), "seconds": time.perf_counter() - t1}
-        _write_json(done, eval_path)
+        write_json(done, eval_path)
     return {"arm": job.arm.name, "seed": job.seed, "selection_seed": job.seed if job.arm.sampled else None,
             "train_seed": cfg.seed, "subset": job.subset, "run_dir": str(run_dir),
             "train_rows": _count_rows(job.subset),
@@ -304,7 +272,7 @@ def _init_worker(threads: int) -> None:
 
 
 # ----------------------------------------------------------------------------- all runs
-def _run_all(jobs: list[Job], cfg: ExperimentConfig, progress: bool) -> list[dict]:
+def run_all(jobs: list[Job], cfg: ExperimentConfig, progress: bool) -> list[dict]:
     bar = tqdm(total=len(jobs), desc="experiment runs", disable=not progress)
     if cfg.jobs == 1:
         out = []

@@ -1,17 +1,16 @@
-#!/usr/bin/env python
-"""Compare the rater-update rules on the demo data: cost per step relative to a plain proxy step,
+"""The rater-update rules compared on the demo data: cost per step relative to a plain proxy step,
 and how well each rater's logit separates planted defects from clean pairs (AUROC).
 
-Needs the demo dataset and tokenizer (run `make demo` once). For each rule it trains a rater with
-configs/demo_rater.json (+ overrides), scores the training set and reads defects.csv.
-python scripts/compare_rules.py [--demo runs/demo] [--rules penalty,reference,lookahead] [--key=value ...]
-Writes <demo>/rules/<rule>/... and prints a Markdown table.
+Needs the demo dataset and tokenizer (``make demo`` once). For each rule it trains a rater with
+configs/demo_rater.json (+ overrides) into <demo>/rules/<rule>/, scores the training set there and
+reads defects.csv. ``scripts/experiment.py rules`` prints the table; the selection experiment can
+add a Shift-Gsample arm on any of these ratings (``--rule-arms``).
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
 import torch
@@ -23,10 +22,12 @@ from alchemist.build import build_proxy, build_rater, build_text_encoder, build_
 from alchemist.config import RaterConfig, load_config
 from alchemist.data.pairs import load_pairs
 from alchemist.data.tokens import Featurizer
-from alchemist.evaluation.planted import kind_report
 from alchemist.ratings import read_ratings
 from alchemist.runtime import make_stream, setup_runtime
 from alchemist.scoring import rate_file
+from experiments.planted import kind_report
+
+AUROC_ORDER = ("noise", "misaligned", "plain", "blurred", "duplicate")  # the table's AUROC columns
 
 
 def _median_seconds(fn, steps: int) -> float:
@@ -55,20 +56,19 @@ def step_seconds(cfg: RaterConfig, steps: int = 8) -> tuple[float, float]:
     return bilevel, _median_seconds(lambda: trainer.plain_proxy_step(train_b), steps)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--demo", default="runs/demo")
-    ap.add_argument("--rules", default=",".join(ESTIMATORS))
-    args, overrides = ap.parse_known_args(argv)
-    demo = Path(args.demo)
+def compare_rules(demo: str | Path = "runs/demo", rules: Sequence[str] = tuple(ESTIMATORS),
+                  overrides: Sequence[str] = (), config: str = "configs/demo_rater.json") -> list[dict]:
+    """One row per rule: bilevel and plain s/step, their ratio, steps trained and AUROC per defect kind."""
+    demo = Path(demo)
     base = {"train_csv_path": demo / "data/train.csv", "val_csv_path": demo / "data/val.csv", "ckpt_path": demo,
             "local_out_dir_path": demo / "rules"}
     defects = pd.read_csv(demo / "data/defects.csv", dtype={"id": str})
     defects = defects[defects["split"] == "train"]
     rows = []
-    for rule in args.rules.split(","):
-        cfg = load_config(RaterConfig, "configs/demo_rater.json",
-                          [f"--{k}={v}" for k, v in {**base, "estimator": rule, "exp_name": rule}.items()] + overrides)
+    for rule in rules:
+        cfg = load_config(RaterConfig, config,
+                          [f"--{k}={v}" for k, v in {**base, "estimator": rule, "exp_name": rule}.items()]
+                          + list(overrides))
         bilevel_s, plain_s = step_seconds(cfg)
         summary = train_rater(cfg)
         out = cfg.output.run_dir / "ratings.parquet"
@@ -76,13 +76,14 @@ def main(argv: list[str] | None = None) -> None:
             rate_file(cfg.output.run_dir, cfg.data.train_csv_path, out, overrides=[f"--ckpt_path={demo}"], progress=False)
         rep = kind_report(read_ratings(out), defects)
         rows.append({"rule": rule, "bilevel s/step": bilevel_s, "plain s/step": plain_s, "ratio": bilevel_s / plain_s,
-                     "steps": summary["steps"],
-                     **{f"AUROC {k}": rep["auroc"][k] for k in ("noise", "misaligned", "plain", "blurred", "duplicate")}})
+                     "steps": summary["steps"], **{f"AUROC {k}": rep["auroc"][k] for k in AUROC_ORDER}})
+    return rows
+
+
+def format_rules_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (floats to 3 decimals)."""
     cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
-
-
-if __name__ == "__main__":
-    main()
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()) + " |"
+              for r in rows]
+    return "\n".join(lines)

@@ -1,58 +1,28 @@
 """The selection experiment's arms: which training pairs each arm keeps, and the rankings they draw on.
 
-An arm is a ranking (the rater's, an image heuristic's, or none for full data), a selection strategy and
-a retention. Kept apart from the runs and the report: choosing and checking the subsets needs none
-of the training machinery.
+An arm (``experiments.types.Arm``) is a ranking (the rater's, an image heuristic's, or none for full
+data), a selection strategy and a retention. Kept apart from the runs and the report: choosing and
+checking the subsets needs none of the training machinery.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from alchemist.data.demo import KINDS
 from alchemist.data.pairs import DataError
-from alchemist.evaluation.planted import kind_report
+from alchemist.heuristics import make_scorer, rate_pairs
 from alchemist.ratings import read_ratings, write_ratings
 from alchemist.selection import prune_table
 from alchemist.utils.io import atomic_open
-
-if TYPE_CHECKING:
-    from alchemist.evaluation.experiment import ExperimentConfig, Inputs
-
-HEURISTIC_CANDIDATES = ("clarity", "lowfreq", "edge_density")
-SAMPLED = ("random", "shift_gsample", "gsample")  # strategies whose subset depends on the seed
+from experiments.planted import kind_report
+from experiments.types import HEURISTIC_CANDIDATES, KINDS, Arm, ExperimentConfig, Inputs
 
 
 # ----------------------------------------------------------------------------- arms
-@dataclass(frozen=True)
-class Arm:
-    name: str  # folder-safe id, e.g. "shift_gsample_50"
-    source: str  # "all" (full data), "rater", "rule:<rule>" or a heuristic name: whose ranking is used
-    strategy: str  # selection strategy ("all" for full data)
-    retention: float
-
-    @property
-    def sampled(self) -> bool:
-        return self.strategy in SAMPLED
-
-    @property
-    def label(self) -> str:
-        if self.source == "all":
-            return "full data"
-        what = {"random": "random", "shift_gsample": "Shift-Gsample", "topk": "Top-K", "gsample": "Gsample",
-                "block": "block", "bottomk": "Bottom-K"}.get(self.strategy, self.strategy)
-        if self.source.startswith("rule:"):
-            return f"{what} {self.retention:.0%} ({self.source[5:]} rater)"
-        if self.source not in ("rater", "all") and self.strategy == "topk":
-            what = f"{self.source} (top)"
-        return f"{what} {self.retention:.0%}"
-
-
 def rater_arms() -> list[Arm]:
     """The arms that need no heuristic: full, random / Shift-Gsample / Top-K 50 %, random / Shift-Gsample 20 %."""
     return [Arm("full", "all", "all", 1.0),
@@ -81,8 +51,6 @@ def plan_arms(heuristics: Sequence[str], rules: Sequence[str] = ()) -> list[Arm]
 def heuristic_ratings(cfg: ExperimentConfig, inp: Inputs, names: Sequence[str] = HEURISTIC_CANDIDATES,
                       progress: bool = True) -> dict[str, pd.DataFrame]:
     """Ratings by each image statistic over the rated pairs, computed once into <out>/heuristics/."""
-    from alchemist.heuristics import make_scorer, rate_pairs
-
     out = {}
     for name in names:
         path = cfg.out_dir / "heuristics" / f"{name}.parquet"
@@ -113,10 +81,10 @@ def planted_quality(rankings: dict[str, pd.DataFrame], defects: pd.DataFrame) ->
 
 
 def rule_ratings(cfg: ExperimentConfig) -> dict[str, pd.DataFrame]:
-    """``<rules_dir>/<rule>/ratings.parquet`` written by scripts/compare_rules.py, one per update rule."""
+    """``<rules_dir>/<rule>/ratings.parquet`` written by scripts/experiment.py rules, one per update rule."""
     root = Path(cfg.rules_dir) if cfg.rules_dir else cfg.demo_dir / "rules"
     if cfg.rules_dir and not root.is_dir():
-        raise FileNotFoundError(f"--rules-dir {str(root)!r} does not exist; run scripts/compare_rules.py first")
+        raise FileNotFoundError(f"--rules-dir {str(root)!r} does not exist; run scripts/experiment.py rules first")
     if not root.is_dir():
         return {}
     return {p.parent.name: read_ratings(p) for p in sorted(root.glob("*/ratings.parquet"))}

@@ -1,4 +1,5 @@
-"""A small CNN that reads a demo scene's attributes back: the judge of GenEval-lite and FID-lite.
+"""A small CNN that reads a demo scene's attributes back, and the two metrics it judges: GenEval-lite
+and FID-lite.
 
 GenEval checks generated images with an object detector; the demo data has six closed
 vocabularies (shape, colour, count, position, background, size), so a classifier with one head
@@ -6,6 +7,11 @@ per attribute does that job here. It is trained on clean demo scenes only (the d
 ``clean`` train rows plus freshly rendered scenes from the same generator) and tested on the
 demo's clean val split, which it never trains on. Its penultimate layer is the feature space of
 FID-lite.
+
+It lives in ``experiments`` rather than ``alchemist.evaluation`` because it can only judge demo
+scenes: its vocabularies and its extra training scenes come from the demo generator
+(``experiments.demo_data``). The generic metrics (Fréchet distance, FID in any feature space, CLIP
+score, held-out loss) stay in ``alchemist.evaluation.metrics``.
 """
 from __future__ import annotations
 
@@ -20,10 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from alchemist.data.demo import (BACKGROUNDS, COLOURS, COUNT_WORDS, POSITIONS, SHAPES, SIZES, render_scene,
-                                 sample_scene, summarize)
 from alchemist.data.pairs import load_image, preprocess_image
+from alchemist.evaluation.metrics import batched, fid
 from alchemist.utils.io import atomic_torch_save
+from experiments.demo_data import (BACKGROUNDS, COLOURS, COUNT_WORDS, POSITIONS, SHAPES, SIZES, render_scene,
+                                   sample_scene, summarize)
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": tuple(SHAPES), "colour": tuple(COLOURS), "count": tuple(str(c) for c in COUNT_WORDS),
@@ -105,7 +112,7 @@ def load_clean_demo(demo_dir: str | os.PathLike, split: str) -> tuple[torch.Tens
     demo_dir = Path(demo_dir)
     if not (demo_dir / "spec.json").is_file():
         raise FileNotFoundError(f"{str(demo_dir)!r} is not a finished demo data folder (no spec.json); "
-                                "make one with scripts/make_demo_data.py --out DIR")
+                                "make one with scripts/demo.py data --out DIR")
     size = summarize(demo_dir).spec.image_size
     defects = pd.read_csv(demo_dir / "defects.csv", dtype=str, keep_default_na=False)
     rows = defects[(defects["split"] == split) & (defects["kind"] == "clean")].reset_index(drop=True)
@@ -199,11 +206,45 @@ def load_attribute_classifier(path: str | os.PathLike, device: str | torch.devic
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"attribute classifier {str(path)!r} does not exist; train one with "
-                                "scripts/train_attribute_classifier.py --demo DIR --out FILE")
+                                "scripts/experiment.py classifier --demo DIR --out FILE")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("vocab") != {a: list(v) for a, v in ATTRIBUTES.items()}:
         raise ValueError(f"attribute classifier {str(path)!r} was trained on other attribute vocabularies than "
-                         "alchemist.data.demo defines now; retrain it")
+                         "experiments.demo_data defines now; retrain it")
     model = AttributeClassifier(**ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- GenEval-lite and FID-lite
+def geneval_lite(classifier: AttributeClassifier, images_B3HW: torch.Tensor, requested: pd.DataFrame,
+                 batch_size: int = 500) -> dict[str, float]:
+    """Share of requested attributes the classifier reads back from the images.
+
+    ``requested`` has one row per image and any of the ``ATTRIBUTES`` columns (e.g. the rows of
+    defects.csv whose captions were the prompts); an empty cell means "not asked". Returns the
+    share per asked attribute, ``mean`` (over all asked (image, attribute) pairs) and
+    ``all_correct`` (share of images with every asked attribute right).
+    """
+    attrs = [a for a in ATTRIBUTES if a in requested.columns]
+    if not attrs:
+        raise ValueError(f"requested attributes need at least one of the columns {list(ATTRIBUTES)}")
+    if len(requested) != len(images_B3HW):
+        raise ValueError(f"{len(images_B3HW)} images but {len(requested)} rows of requested attributes")
+    want_BA = encode_attributes(requested, attrs)
+    classifier.eval()
+    pred_BA = batched(classifier.predict, images_B3HW, batch_size)[:, [list(ATTRIBUTES).index(a) for a in attrs]]
+    asked_BA = want_BA >= 0
+    hit_BA = (pred_BA == want_BA) & asked_BA
+    out = {a: float(hit_BA[:, j].sum() / asked_BA[:, j].sum()) for j, a in enumerate(attrs) if asked_BA[:, j].any()}
+    any_asked = asked_BA.any(1)
+    out["mean"] = float(hit_BA.sum() / asked_BA.sum().clamp(min=1))
+    out["all_correct"] = float((hit_BA | ~asked_BA).all(1)[any_asked].float().mean()) if any_asked.any() else 0.0
+    return out
+
+
+def fid_lite(classifier: AttributeClassifier, gen_B3HW: torch.Tensor, real_B3HW: torch.Tensor,
+             batch_size: int = 500) -> float:
+    """FID in the attribute classifier's penultimate features: cheap, and tuned to what the demo varies."""
+    classifier.eval()
+    return fid(classifier.features, gen_B3HW, real_B3HW, batch_size)

@@ -1,6 +1,6 @@
 """Where the demo's planted defects land in a ranking: ratings checked against ``defects.csv``.
 
-The demo dataset (alchemist.data.demo) knows the kind of every pair: ``clean`` or one of the
+The demo dataset (experiments.demo_data) knows the kind of every pair: ``clean`` or one of the
 planted defects. A ranking is then judged without any downstream training: how well clean pairs
 separate from each kind (AUROC, clean = positive), which rank deciles each kind falls into, and
 what share of each kind a pruning strategy keeps. Not every defect should sink: the paper's top
@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from alchemist.data.demo import KINDS
+from experiments.types import KINDS
 
 N_DECILES = 10
 

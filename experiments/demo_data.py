@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from alchemist.utils.io import atomic_open
+from experiments.types import KINDS
 
 FORMAT_VERSION = 1  # bump when the generator's output changes, so old outputs are not reused
 
@@ -49,7 +50,6 @@ TEMPLATES = ("{objects} {where} on a {background} background",
              "a {background} background with {objects} {where}",
              "{objects} {where}, {background} background")
 GENERIC_CAPTIONS = ("a plain background", "an image", "a picture", "a blank image", "an empty background")
-KINDS = ("clean", "plain", "noise", "misaligned", "duplicate", "blurred")
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down, for anti-aliased edges
 
 
