@@ -43,7 +43,8 @@ class TrainLoop:
         self.total_steps = steps_per_epoch * cfg.optim.ep
         self.warmup_steps = warmup_steps(cfg.optim.wp, cfg.optim.ep, steps_per_epoch)
         self.run_dir: Path = cfg.output.run_dir
-        self.logger = MetricsLogger(self.run_dir / "metrics.jsonl", cfg.logging, cfg, cfg.output.exp_name, is_main)
+        self.logger = MetricsLogger(self.run_dir / "metrics.jsonl", cfg.logging, config_to_dict(cfg),
+                                    cfg.output.exp_name, is_main)
         amp = cfg.optim.fp16 if cfg.optim.fp16 >= 0 else (2 if device.type == "cuda" else 0)
         self.amp_dtype = {1: torch.float16, 2: torch.bfloat16}.get(amp)
         self.fp16_scaling = amp == 1

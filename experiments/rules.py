@@ -73,7 +73,8 @@ def compare_rules(demo: str | Path = "runs/demo", rules: Sequence[str] = tuple(E
         summary = train_rater(cfg)
         out = cfg.output.run_dir / "ratings.parquet"
         if not out.exists():
-            rate_file(cfg.output.run_dir, cfg.data.train_csv_path, out, overrides=[f"--ckpt_path={demo}"], progress=False)
+            rate_file(cfg.output.run_dir, cfg.data.train_csv_path, out, overrides=[f"--ckpt_path={demo}"],
+                      progress=False)
         rep = kind_report(read_ratings(out), defects)
         rows.append({"rule": rule, "bilevel s/step": bilevel_s, "plain s/step": plain_s, "ratio": bilevel_s / plain_s,
                      "steps": summary["steps"], **{f"AUROC {k}": rep["auroc"][k] for k in AUROC_ORDER}})

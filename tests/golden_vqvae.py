@@ -108,7 +108,9 @@ def trim(source: str | Path, out: str | Path) -> None:
     if state_dict_digest(replay_state_dict(dict(shapes), stored)) != digest:
         raise SystemExit("the replay does not reproduce the reference weights")
     keep = ("config", "input_B3HW", "f_BChw", "idx_Bl", "fhat_per_scale", "var_input_BLC", "recon_last_B3HW")
-    clone = lambda v: [t.clone() for t in v] if isinstance(v, list) else v.clone() if torch.is_tensor(v) else v  # noqa: E731
+    def clone(v):  # views may hold a larger storage than they show
+        return [t.clone() for t in v] if isinstance(v, list) else v.clone() if torch.is_tensor(v) else v
+
     torch.save({**{k: clone(g[k]) for k in keep}, "shapes": shapes, "stored": stored, "seed": SEED,
                 "state_dict_sha256": digest}, out)
 

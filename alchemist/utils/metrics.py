@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from alchemist.config import LoggingConfig, config_to_dict
-
 
 class MetricsLogger:
-    def __init__(self, path: str | os.PathLike, cfg: LoggingConfig, run_config: Any = None,
+    """``cfg``: the config's logging section (``wandb``, ``wandb_project``); ``run_config``: the run's
+    resolved config as a plain dict, recorded by wandb."""
+
+    def __init__(self, path: str | os.PathLike, cfg: Any, run_config: dict[str, Any] | None = None,
                  run_name: str = "", enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
         self._wandb = None
@@ -21,7 +22,7 @@ class MetricsLogger:
             import wandb
 
             self._wandb = wandb.init(project=cfg.wandb_project, name=run_name or None, mode=cfg.wandb,
-                                     config=config_to_dict(run_config) if run_config is not None else None,
+                                     config=run_config,
                                      dir=str(self.path.parent), resume="allow")
 
     def log(self, record: dict[str, Any]) -> None:
