@@ -139,3 +139,17 @@ def test_nothing_points_outside_the_repository():
     hits = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
             if pattern.search(line)]
     assert not hits
+
+
+def test_readme_code_map_matches_the_tree():
+    """Every module and script is named in README's code map, and the map names no file that is gone."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Map of the code"):readme.index("\nDocs:")]
+    named = {Path(t).name for t in re.findall(r"[\w./]+\.(?:py|sh|json)\b", section)}
+    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p.name != "__init__.py"]
+    files += [p for p in (ROOT / "scripts").iterdir() if p.suffix in (".py", ".sh")]
+    files += [ROOT / f for f in ("train_rater.py", "infer_rater.py")]
+    assert not sorted(str(p.relative_to(ROOT)) for p in files if p.name not in named)
+    existing = {p.name for d in (*PACKAGES, "scripts", "configs", "tests") for p in (ROOT / d).rglob("*")}
+    existing |= {p.name for p in ROOT.iterdir()}
+    assert not sorted(n for n in named if n not in existing)
