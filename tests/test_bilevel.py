@@ -10,11 +10,11 @@ import torch
 
 from alchemist.bilevel.estimators import (ESTIMATORS, Lookahead, Penalty, StepContext, alignment, build_estimator,
                                           register)
+from alchemist.batch import TextFeatures, TokenBatch
 from alchemist.bilevel.launch import train_rater
-from alchemist.loop import NonFiniteLossError
 from alchemist.config import BilevelConfig, ConfigError, RaterConfig, load_config
 from alchemist.data.sampler import ResumableSampler
-from alchemist.batch import TextFeatures, TokenBatch
+from alchemist.loop import NonFiniteLossError
 from alchemist.models.blocks import math_attention
 from alchemist.models.proxy import Proxy
 from alchemist.models.rater import RaterOutput

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import alchemist.models.proxy as proxy_module
-from alchemist.config import ModelConfig
 from alchemist.batch import TextFeatures, TokenBatch
+from alchemist.config import ModelConfig
 from alchemist.models.proxy import Proxy, sample_top_k_top_p
 from alchemist.models.vqvae import VQVAE
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from alchemist.config import ModelConfig
 from alchemist.batch import TextFeatures, TokenBatch
+from alchemist.config import ModelConfig
 from alchemist.models.rater import Rater
 
 PATCH_NUMS = (1, 2, 3, 4)

@@ -9,11 +9,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from alchemist.batch import TokenBatch
 from alchemist.bilevel.estimators import Estimator, StepContext, build_estimator, weight_entropy
 from alchemist.config import RaterConfig
 from alchemist.data.sampler import Stream
 from alchemist.loop import TrainLoop
-from alchemist.batch import TokenBatch
 from alchemist.utils.dist import broadcast_params, replica_spread
 from alchemist.utils.optim import build_optimizer, set_lr
 from alchemist.utils.schedule import gamma_at

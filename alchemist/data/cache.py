@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from alchemist.data.pairs import DataError, PairsDataset, collate_pairs, drops_caption
 from alchemist.batch import TextFeatures
+from alchemist.data.pairs import DataError, PairsDataset, collate_pairs, drops_caption
 from alchemist.utils.io import atomic_open, atomic_torch_save
 
 _PARTS = ("idx", "hidden", "len", "pooled", "ok")

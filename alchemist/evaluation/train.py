@@ -7,6 +7,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from alchemist.batch import TokenBatch
 from alchemist.build import build_proxy, build_text_encoder, build_tokenizer
 from alchemist.config import ConfigError, T2IConfig
 from alchemist.data.pairs import SkipLog, load_pairs
@@ -14,7 +15,6 @@ from alchemist.data.sampler import Stream
 from alchemist.data.tokens import Featurizer
 from alchemist.evaluation.metrics import heldout_token_loss
 from alchemist.loop import TrainLoop
-from alchemist.batch import TokenBatch
 from alchemist.runtime import make_stream, setup_runtime
 from alchemist.utils.dist import broadcast_params
 from alchemist.utils.optim import build_optimizer, set_lr

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from alchemist.config import ModelConfig
 from alchemist.batch import TextFeatures, TokenBatch
+from alchemist.config import ModelConfig
 from alchemist.models.blocks import LN_EPS, ScaleTransformer, text_attn_mask
 
 

@@ -19,8 +19,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from alchemist.config import ModelConfig
 from alchemist.batch import TokenBatch
+from alchemist.config import ModelConfig
 from alchemist.models.blocks import ScaleTransformer, layer_norm
 
 
