@@ -103,6 +103,7 @@ class OptimConfig:
     beta2: float = 0.95
     grad_clip: float = 2.0  # <= 0 disables
     sche: str = "lin0"  # lin0 | lin | cos | const
+    rater_sche: str = ""  # the rater's lr schedule; "" = the proxy's (official). The demo uses const
     wp: float = 0.0  # warm-up epochs; <= 0 means ep / 50
     wp0: float = 0.005  # warm-up starts at wp0 * lr
     wpe: float = 0.01  # final lr = wpe * lr
@@ -116,6 +117,8 @@ class OptimConfig:
         _check(self.twd >= 0 and self.rater_wd >= 0, "weight decay must be >= 0")
         _check(self.opt in ("adamw", "adam", "sgd"), f"optim.opt must be adamw, adam or sgd, got {self.opt!r}")
         _check(self.sche in ("lin0", "lin", "cos", "const"), f"optim.sche must be lin0, lin, cos or const, got {self.sche!r}")
+        _check(self.rater_sche in ("", "lin0", "lin", "cos", "const"),
+               f"optim.rater_sche must be empty (= optim.sche), lin0, lin, cos or const, got {self.rater_sche!r}")
         _check(self.fp16 in (-1, 0, 1, 2), "optim.fp16 must be -1 (auto), 0, 1 or 2")
         _check(0 <= self.wp0 <= 1 and 0 <= self.wpe <= 1, "optim.wp0 and optim.wpe must be in [0, 1]")
 
@@ -130,8 +133,7 @@ class BilevelConfig:
     entropy_reg: float = 0.0  # weight of -entropy(w) in the rater loss (official: 0.01, off)
     double_softmax: bool = False  # the official code's second softmax over the weights
     fix_proxy: bool = False  # keep a pretrained proxy frozen (official `fixVar`)
-    lookahead_eta: float = 1.0  # inner step size in the one-step meta-gradient
-    lookahead_eps: float = 1e-2  # central-difference step: theta +- (eps / |v|) * v
+    lookahead_eps: float = 1e-2  # central-difference step: theta +- (eps / |u|) * u, u = P * grad L_val
     center: bool = True  # centre the rule's coefficients on their batch mean (keeps the group head alive)
     official_scale: bool = False  # proxy train term (1/B)·Σ softmax·l as in the official code;
     # default: weights rescaled to mean 1 so the train term is a weighted average of the losses

@@ -54,10 +54,10 @@ class TrainLoop:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def lr_factor(self) -> float:
-        """The ``optim.sche`` multiplier of the peak lr at the current step."""
+    def lr_factor(self, sche: str = "") -> float:
+        """The multiplier of the peak lr at the current step, by schedule ``sche`` (default ``optim.sche``)."""
         o = self.cfg.optim
-        return lr_factor(o.sche, self.step_idx, self.warmup_steps, self.total_steps, o.wp0, o.wpe)
+        return lr_factor(sche or o.sche, self.step_idx, self.warmup_steps, self.total_steps, o.wp0, o.wpe)
 
     def new_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.fp16_scaling)
@@ -66,16 +66,26 @@ class TrainLoop:
         """Backward, average over ranks, clip, step; returns the gradient norm before clipping."""
         if opt is None:
             return 0.0
+        gnorm = self.backward(model, opt, loss, scaler)
+        self.step(opt, scaler)
+        return gnorm
+
+    def backward(self, model: torch.nn.Module, opt, loss: torch.Tensor, scaler) -> float:
+        """The first half of ``optimizer_step``: gradients unscaled, averaged over ranks and clipped,
+        as the optimiser will see them; returns their norm before clipping."""
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
         params = [p for p in model.parameters() if p.grad is not None]
         average_grads(params)
         clip = self.cfg.optim.grad_clip
-        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        return float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+
+    @staticmethod
+    def step(opt, scaler) -> None:
+        """The second half of ``optimizer_step``: the update, then the gradients are cleared."""
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        return float(gnorm)
 
     # -------------------------------------------------------------- what subclasses provide
     def epoch_batches(self) -> Iterator[tuple]:

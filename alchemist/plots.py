@@ -19,7 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from alchemist.selection import discarded_head, inclusion_probability, sampling_weight, select  # noqa: E402
+from alchemist.selection import (discarded_head, discarded_tail, inclusion_probability, resolve_params,  # noqa: E402
+                                 sampling_weight, select)
 
 _CURVE_N = 200_000  # rows on which the (large-N) expected inclusion curve is evaluated
 
@@ -28,6 +29,7 @@ def plot_selection(ratings: pd.DataFrame, strategy: str, retention: float | int,
                    seed: int = 0, bins: int = 100, **params) -> Path:
     """Score histogram and selection-by-rank panel of one strategy; returns the PNG path."""
     n = len(ratings)
+    params = resolve_params(strategy, n, retention, ratings["score"].to_numpy(dtype=np.float64), **params)
     rows = select(ratings, strategy, retention, seed, **params)
     k = len(rows)
     ranks = ratings["rank"].to_numpy()[rows]
@@ -56,6 +58,9 @@ def plot_selection(ratings: pd.DataFrame, strategy: str, retention: float | int,
     shift = discarded_head(strategy, frac, **params)
     if shift is not None:
         ax_r.axvspan(0, shift, color="tab:red", alpha=0.08, label=f"discarded head (pos < {shift:.3g})")
+    tail = discarded_tail(strategy, **params)
+    if tail:
+        ax_r.axvspan(1 - tail, 1, color="tab:purple", alpha=0.08, label=f"discarded tail (pos >= {1 - tail:.3g})")
     ax_r.set(xlim=(0, 1), ylim=(0, 1.05), xlabel="rank position (0 = best)", ylabel="share of rows kept",
              title=f"{strategy}, {k:,} of {n:,} kept ({frac:.0%})")
     ax_r.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)

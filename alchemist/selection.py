@@ -11,10 +11,16 @@ Strategies (parameters are fractions of N, like ``pos``):
   ``random``              K rows uniformly, without replacement;
   ``block``               the window [start, start + K/N)  (``start``);
   ``gsample``             K rows without replacement, p ∝ exp(−(pos−µ)²/2σ²)  (``mu``, ``sigma``);
-  ``shift_gsample``       drop pos < shift, then ``gsample`` the rest  (``mu``, ``sigma``, ``shift``).
+  ``shift_gsample``       drop pos < shift and pos >= 1 − tail, then ``gsample`` the support between
+                          (``mu``, ``sigma``, ``shift``, ``tail``).
 
-µ and σ are unpublished. The defaults (µ = 0.55, σ = 0.15) put the peak where the
-paper's figure peaks (pos 0.5-0.55) and ±2σ on its visible support (0.25-0.85).
+µ and σ are unpublished; the paper's figure peaks near pos 0.5-0.55 with support 0.25-0.85.
+Shift-Gsample's defaults follow one rule, fixed before any tail-cut outcome was seen
+(``resolve_params``; docs/selection.md): the tail is the low mode of the scores when they are clearly
+bimodal (a two-Gaussian fit with Ashman's D > 2: the junk the rater found) and the paper's 0.15 otherwise; the
+shift is the paper's, shrunk when the support left would hold fewer than K rows; the Gaussian is
+centred on the support with ±2σ spanning it (support 0.25-0.85 gives µ 0.55, σ 0.15).
+Plain ``gsample`` keeps fixed defaults µ 0.55, σ 0.15 and no cut.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ import pandas as pd
 
 STRATEGIES = ("shift_gsample", "gsample", "block", "topk", "bottomk", "random")
 PARAMS = {
-    "shift_gsample": ("mu", "sigma", "shift"),
+    "shift_gsample": ("mu", "sigma", "shift", "tail"),
     "gsample": ("mu", "sigma"),
     "block": ("start",),
     "topk": (),
@@ -40,11 +46,81 @@ DEFAULT_BLOCK_START = 0.4  # the paper's best windows start around s0.4-s0.6
 # Default shift by retention fraction: the paper's three settings (0.25 up to 50 %, 0.15 at
 # 80 %, 0.05 at 90 %), linear in between and down to 0 at 100 % so every K stays feasible.
 SHIFT_KNOTS = ((0.0, 0.5, 0.8, 0.9, 1.0), (0.25, 0.25, 0.15, 0.05, 0.0))
+DEFAULT_TAIL = 0.15  # the paper's figure: no selection below pos 0.85
+BIMODAL_D = 2.0  # Ashman's D above which two score groups count as separate modes
+MIN_ROWS_FOR_MODES = 200  # fewer scores than this: no mixture fit (50 Gaussian draws can fake two modes)
 
 
 def default_shift(fraction: float) -> float:
     """The head fraction Shift-Gsample discards when keeping ``fraction`` of the data."""
     return float(np.interp(fraction, *SHIFT_KNOTS))
+
+
+def junk_tail(scores: np.ndarray) -> float | None:
+    """The share of rows in the low mode of the scores, or None when they are not clearly bimodal.
+
+    A two-Gaussian mixture fitted by EM (started from Otsu's split, on ≤ 100k evenly spaced quantiles
+    of the scores, so deterministic and fast at any N); the modes count as separate when Ashman's
+    D = √2·|µ₁ − µ₀| / √(σ₀² + σ₁²) of the fitted components exceeds ``BIMODAL_D``, and the tail is
+    the share of rows the low component explains better."""
+    s_N = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(s_N)
+    if n < MIN_ROWS_FOR_MODES or s_N[0] == s_N[-1]:
+        return None
+    x = s_N[np.linspace(0, n - 1, min(n, 100_000)).round().astype(np.int64)]
+    x = (x - x.mean()) / x.std()
+    k = np.arange(1, len(x))
+    c = np.cumsum(x)[:-1]
+    cut = int(np.argmax(k * (len(x) - k) * (c / k + c / (len(x) - k)) ** 2)) + 1  # Otsu
+    resp = (np.arange(len(x)) < cut).astype(np.float64)  # P(low component | x)
+    for _ in range(200):
+        w0 = resp.mean()
+        if not 0 < w0 < 1:
+            return None
+        m0, m1 = (resp * x).sum() / resp.sum(), ((1 - resp) * x).sum() / (1 - resp).sum()
+        v0 = max((resp * (x - m0) ** 2).sum() / resp.sum(), 1e-6)
+        v1 = max(((1 - resp) * (x - m1) ** 2).sum() / (1 - resp).sum(), 1e-6)
+        log0 = np.log(w0) - 0.5 * np.log(v0) - (x - m0) ** 2 / (2 * v0)
+        log1 = np.log(1 - w0) - 0.5 * np.log(v1) - (x - m1) ** 2 / (2 * v1)
+        new = 1.0 / (1.0 + np.exp(np.clip(log1 - log0, -700, 700)))
+        if np.abs(new - resp).max() < 1e-8:
+            break
+        resp = new
+    if m0 > m1:
+        m0, m1, v0, v1, resp = m1, m0, v1, v0, 1 - resp
+    d = math.sqrt(2) * (m1 - m0) / math.sqrt(v0 + v1)
+    return float((resp > 0.5).mean()) if d > BIMODAL_D else None
+
+
+def resolve_params(strategy: str, n_total: int, retention: float | int, scores: np.ndarray | None = None,
+                   **params) -> dict[str, float]:
+    """A strategy's parameters with every default filled in (the values ``select`` uses).
+
+    Shift-Gsample keeping r = K/N: tail t = ``junk_tail(scores)`` (needs scores; else ``DEFAULT_TAIL``),
+    at most 1 − r; shift n = ``default_shift(r)``, at most 1 − t − r; µ = the support's centre and
+    σ = its width / 4. Explicit values are kept (an infeasible pair is an error in ``select``)."""
+    strategy, params = _check_params(strategy, params)
+    k = n_select(n_total, retention)
+    params = {p: float(v) for p, v in params.items()}
+    if strategy == "gsample":
+        return {"mu": params.get("mu", DEFAULT_MU), "sigma": params.get("sigma", DEFAULT_SIGMA)}
+    if strategy == "block":
+        return {"start": params["start"]} if "start" in params else {}
+    if strategy != "shift_gsample":
+        return {}
+    r = k / n_total
+    tail = params.get("tail")
+    if tail is None:  # in whole rows, so that the window select() cuts holds K rows exactly
+        found = junk_tail(scores) if scores is not None else None
+        room = n_total - k - (_first_at_or_after(params["shift"], n_total) if "shift" in params else 0)
+        tail = max(0, min(_tail_rows(DEFAULT_TAIL if found is None else found, n_total), room)) / n_total
+    shift = params.get("shift")
+    if shift is None:
+        end = n_total - _tail_rows(tail, n_total)
+        shift = max(0, min(_first_at_or_after(default_shift(r), n_total), end - k)) / n_total
+    lo, hi = shift, 1.0 - tail
+    return {"mu": params.get("mu", (lo + hi) / 2), "sigma": params.get("sigma", max(hi - lo, 1.0 / n_total) / 4),
+            "shift": shift, "tail": tail}
 
 
 def n_select(n_total: int, retention: float | int) -> int:
@@ -82,6 +158,7 @@ def select(ratings: Any, strategy: str, retention: float | int, seed: int = 0, *
     """
     n, order = _rank_order(ratings)
     k = n_select(n, retention)
+    params = resolve_params(strategy, n, k, _scores(ratings), **params)
     pos = _select_positions(n, k, strategy, seed, params)
     return pos if order is None else order[pos]
 
@@ -94,7 +171,7 @@ def inclusion_probability(n_total: int, strategy: str, retention: float | int, *
     Σ_i P_i = K. That is what an empirical selection histogram converges to.
     """
     k = n_select(n_total, retention)
-    strategy, params = _check_params(strategy, params)
+    params = resolve_params(strategy, n_total, k, **params)
     if strategy == "random":
         return np.full(n_total, k / n_total)
     if strategy not in ("gsample", "shift_gsample"):
@@ -103,7 +180,7 @@ def inclusion_probability(n_total: int, strategy: str, retention: float | int, *
         return p
     head, logw = _gaussian_logweights(n_total, k, strategy, params)
     p = np.zeros(n_total)
-    p[head:] = 1.0 if k == n_total - head else _threshold_inclusion(logw, k)
+    p[head:head + len(logw)] = 1.0 if k == len(logw) else _threshold_inclusion(logw, k)
     return p
 
 
@@ -126,6 +203,14 @@ def discarded_head(strategy: str, fraction: float, **params) -> float | None:
     return default_shift(fraction) if shift is None else shift
 
 
+def discarded_tail(strategy: str, **params) -> float | None:
+    """The tail (rank fraction) a strategy never selects from: Shift-Gsample's ``tail`` (pass the
+    values ``resolve_params`` gives); None for the strategies that cut none."""
+    if strategy != "shift_gsample":
+        return None
+    return params.get("tail", DEFAULT_TAIL)
+
+
 def rank_histogram(positions: np.ndarray, n_total: int, bins: int = 10) -> np.ndarray:
     """How many selected rank positions fall in each of ``bins`` equal rank bands (deciles)."""
     band = np.asarray(positions, dtype=np.int64) * bins // n_total
@@ -143,6 +228,15 @@ def prune_table(ratings: pd.DataFrame, strategy: str, retention: float | int, se
 
 
 # ----------------------------------------------------------------------------- internals
+def _scores(ratings: Any) -> np.ndarray | None:
+    """The scores behind a ratings argument of ``select``, when it has them."""
+    if isinstance(ratings, pd.DataFrame):
+        return ratings["score"].to_numpy(dtype=np.float64) if "score" in ratings.columns else None
+    if isinstance(ratings, (int, np.integer)):
+        return None
+    return np.asarray(ratings, dtype=np.float64)
+
+
 def _rank_order(ratings: Any) -> tuple[int, np.ndarray | None]:
     """(N, order) with order[rank position] = row index, or None when rows are in rank order."""
     if isinstance(ratings, (int, np.integer)) and not isinstance(ratings, (bool, np.bool_)):
@@ -228,12 +322,12 @@ def _block(n: int, k: int, start: float | None) -> np.ndarray:
 
 
 def _gaussian_logweights(n: int, k: int, strategy: str, params: dict) -> tuple[int, np.ndarray]:
-    """(first candidate rank, log-weights of ranks head..N-1) for gsample / shift_gsample."""
+    """(first candidate rank, log-weights of the candidate ranks head..end-1) for gsample / shift_gsample."""
     mu = float(params.get("mu", DEFAULT_MU))
     sigma = float(params.get("sigma", DEFAULT_SIGMA))
     if not (sigma > 0 and math.isfinite(sigma) and math.isfinite(mu)):
         raise ValueError(f"{strategy}: need a finite mu and sigma > 0, got mu={mu}, sigma={sigma}")
-    head = 0
+    head, end = 0, n
     if strategy == "shift_gsample":
         shift = params.get("shift")
         if shift is None:  # default by retention; never so large that fewer than K rows remain
@@ -241,15 +335,24 @@ def _gaussian_logweights(n: int, k: int, strategy: str, params: dict) -> tuple[i
         else:
             _check_fraction("shift", shift)
             head = _first_at_or_after(shift, n)
-            if n - head < k:
-                raise ValueError(f"shift_gsample: keeping {k} rows is impossible after discarding the top "
-                                 f"shift={shift} ({head} rows) of N={n}; lower the shift or the retention")
-    logw = np.arange(head, n, dtype=np.float64)
+        tail = params.get("tail", 0.0)
+        _check_fraction("tail", tail)
+        end = n - _tail_rows(tail, n)
+        if end - head < k:
+            raise ValueError(f"shift_gsample: keeping {k} rows is impossible between the top shift={params.get('shift')} "
+                             f"and the bottom tail={tail} of N={n} ({max(0, end - head)} rows); lower the shift, "
+                             "the tail or the retention")
+    logw = np.arange(head, end, dtype=np.float64)
     logw /= n
     logw -= mu
     np.square(logw, out=logw)
     logw *= -0.5 / sigma**2
     return head, logw
+
+
+def _tail_rows(tail: float, n: int) -> int:
+    """How many of the last ranks a tail fraction cuts: ⌊tail·N⌋ (robust to the float round trip)."""
+    return int(math.floor(tail * n + 1e-9))
 
 
 def _check_fraction(name: str, value: float) -> None:

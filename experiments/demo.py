@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
+import torch
 
 from alchemist.bilevel.launch import train_rater
 from alchemist.config import RaterConfig, T2IConfig, load_config
@@ -24,6 +25,7 @@ from alchemist.scoring import rate_file
 from alchemist.selection import prune_table
 from alchemist.tokenizer_training import train_tokenizer_for
 from experiments.demo_data import DemoSpec, format_summary, generate_demo
+from experiments.digits_data import DigitsSpec, generate_digits
 from experiments.planted import format_kind_report, kind_report
 
 
@@ -36,10 +38,20 @@ def done(t: float) -> None:
     print(f"({time.perf_counter() - t:.1f}s)", flush=True)
 
 
-def demo_dataset(out: Path, n_train: int, n_val: int, seed: int) -> Path:
-    """Stage 1: the demo dataset under <out>/data (reused when the same spec is already there)."""
+BENCHMARKS = ("demo", "digits")
+
+
+def demo_dataset(out: Path, n_train: int, n_val: int, seed: int, bench: str = "demo") -> Path:
+    """Stage 1: the benchmark's dataset under <out>/data (reused when the same spec is already there):
+    ``demo`` the generated scenes, ``digits`` the real digit scans (its own fixed size)."""
     data = out / "data"
-    print(format_summary(generate_demo(data, DemoSpec(n_train=n_train, n_val=n_val, seed=seed))))
+    if bench == "digits":
+        counts = generate_digits(data, DigitsSpec(seed=seed))
+        print(f"digits data in {data} (seed {seed}): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    elif bench == "demo":
+        print(format_summary(generate_demo(data, DemoSpec(n_train=n_train, n_val=n_val, seed=seed))))
+    else:
+        raise ValueError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
     return data
 
 
@@ -53,12 +65,14 @@ def demo_config(cls: type, config: str, out: Path, seed: int, overrides: Sequenc
 
 def run_demo(out: str | Path = "runs/demo", n_train: int = 2000, n_val: int = 500, seed: int = 0,
              tokenizer_steps: int = 800, retention: float = 0.5, overrides: Sequence[str] = (),
-             config: str = "configs/demo_rater.json") -> pd.DataFrame:
-    """Every stage of the method on the demo data; returns the ratings. ``overrides`` (--key=value)
-    go to the rater config, e.g. --estimator=lookahead --ep=3."""
+             config: str = "configs/demo_rater.json", bench: str = "demo", threads: int = 1) -> pd.DataFrame:
+    """Every stage of the method on a benchmark's data; returns the ratings. ``overrides`` (--key=value)
+    go to the rater config, e.g. --estimator=lookahead --ep=3. ``threads``: torch's intra-op threads,
+    fixed because the float sums, and so every number downstream, depend on the thread count."""
+    torch.set_num_threads(threads)
     out = Path(out)
-    t = stage("1. demo dataset")
-    data = demo_dataset(out, n_train, n_val, seed)
+    t = stage(f"1. {bench} dataset")
+    data = demo_dataset(out, n_train, n_val, seed, bench)
     done(t)
 
     cfg = demo_config(RaterConfig, config, out, seed, overrides)

@@ -9,6 +9,9 @@
     python scripts/experiment.py rules [--demo runs/demo] [--rules penalty,reference,lookahead] [--key=value ...]
         the rater-update rules compared: cost per step against a plain proxy step, and planted-defect
         AUROC of each rule's ratings (<demo>/rules/<rule>/); --key=value goes to the rater config
+    python scripts/experiment.py downstream --sweep runs/sweep/demo [--seeds 0,1,2 --epochs 2 --jobs 2] [--key=value ...]
+        full vs random 50 % vs Shift-Gsample 50 % vs Top-K 50 % at equal training steps on every seed of a
+        sweep (scripts/demo.py sweep): held-out loss and caption gain, mean +- std (<sweep>/downstream.md)
     python scripts/experiment.py classifier --demo runs/demo/data --out runs/demo/attr_clf.pt
         the attribute classifier that judges GenEval-lite and FID-lite, with its held-out accuracy
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from alchemist.config import ConfigError
 from alchemist.data.pairs import DataError
@@ -118,7 +122,32 @@ def classifier_main(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"selection": selection_main, "rules": rules_main, "classifier": classifier_main}
+def downstream_main(argv: list[str]) -> int:
+    from experiments.downstream import run_downstream
+
+    ap = argparse.ArgumentParser(prog="experiment.py downstream", description="Full vs random 50 % vs Shift-Gsample "
+                                 "50 % vs Top-K 50 % at equal training steps, on every seed of a sweep "
+                                 "(scripts/demo.py sweep); held-out loss and caption gain, mean +- std. Other "
+                                 "--key=value go to the T2I config.")
+    ap.add_argument("--sweep", required=True, help="the sweep folder (seed<N>/ with data, tokenizer, ratings)")
+    ap.add_argument("--bench", default="", help="name for the report (default: the folder's name)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs of the full arm; 50 %% arms get twice as many")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--config", default="configs/demo_t2i.json")
+    args, overrides = ap.parse_known_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    try:
+        run_downstream(args.sweep, args.bench or Path(args.sweep).name, seeds, args.epochs, args.jobs, overrides,
+                       args.config)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+COMMANDS = {"selection": selection_main, "rules": rules_main, "classifier": classifier_main,
+            "downstream": downstream_main}
 
 
 def main(argv: list[str] | None = None) -> int:

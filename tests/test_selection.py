@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from alchemist.ratings import rank_scores, read_ratings, read_table, write_ratings
-from alchemist.selection import (STRATEGIES, default_shift, inclusion_probability, prune_table,
+from alchemist.selection import (STRATEGIES, default_shift, inclusion_probability, junk_tail, prune_table, resolve_params,
                                  rank_histogram, select)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,15 +66,41 @@ def test_scores_and_tables_map_back_to_rows():
 
 
 # ----------------------------------------------------------------------------- shift-gsample distribution
-def test_shift_gsample_never_picks_the_head():
+def test_shift_gsample_never_picks_the_head_or_the_tail():
     for seed in range(5):
-        assert select(1000, "shift_gsample", 0.5, seed=seed).min() >= 250  # default shift 0.25
-        assert select(1000, "shift_gsample", 0.2, seed=seed, shift=0.4).min() >= 400
-    assert select(1000, "shift_gsample", 0.8, seed=0).min() >= 150
+        pos = select(1000, "shift_gsample", 0.5, seed=seed)  # no scores: default shift 0.25, tail 0.15
+        assert pos.min() >= 250 and pos.max() < 850
+        pos = select(1000, "shift_gsample", 0.2, seed=seed, shift=0.4)
+        assert pos.min() >= 400 and pos.max() < 850
+        pos = select(1000, "shift_gsample", 0.3, seed=seed, shift=0.1, tail=0.5)
+        assert pos.min() >= 100 and pos.max() < 500
+    # 80 %: the tail keeps its 0.15 and the shift shrinks from the paper's 0.15 to what is left
+    assert np.array_equal(select(1000, "shift_gsample", 0.8, seed=0), np.arange(50, 850))
 
 
-def _binned_gaussian(n, head, mu, sigma, edges):
-    pos = np.arange(head, n) / n
+def test_default_parameters_follow_the_written_rule():
+    """tail = the low mode of clearly bimodal scores (else 0.15); shift = the paper's, shrunk to fit;
+    the Gaussian centred on the support with ±2σ spanning it."""
+    rng = np.random.default_rng(0)
+    unimodal = rng.normal(size=10_000)
+    assert junk_tail(unimodal) is None and junk_tail(rng.lognormal(size=10_000)) is None
+    assert resolve_params("shift_gsample", 10_000, 0.5, unimodal) == pytest.approx(
+        {"mu": 0.55, "sigma": 0.15, "shift": 0.25, "tail": 0.15})
+    junk = np.r_[rng.normal(size=7000), rng.normal(-6, 1, 3000)]  # 30 % far below the rest
+    assert junk_tail(junk) == pytest.approx(0.3, abs=0.002)
+    p = resolve_params("shift_gsample", 10_000, 0.5, junk)
+    assert p["tail"] == pytest.approx(0.3, abs=0.002) and p["shift"] == pytest.approx(0.2, abs=0.002)
+    assert p["mu"] == pytest.approx((p["shift"] + 1 - p["tail"]) / 2) and p["sigma"] == pytest.approx(0.125, abs=0.001)
+    kept = select(junk, "shift_gsample", 0.5, seed=0)
+    assert (kept >= 7000).sum() <= 0.01 * 3000  # the planted low mode is not sampled
+    # a low mode larger than 1 - retention is cut only as far as K still fits, and the shift goes first
+    p = resolve_params("shift_gsample", 1000, 0.8, np.r_[np.zeros(700) + rng.normal(size=700), np.full(300, -9.0)])
+    assert p["tail"] == pytest.approx(0.2) and p["shift"] == 0.0
+    assert resolve_params("shift_gsample", 1000, 0.5, junk[:1000], tail=0.1, mu=0.3)["mu"] == 0.3  # explicit kept
+
+
+def _binned_gaussian(n, head, mu, sigma, edges, end=None):
+    pos = np.arange(head, end or n) / n
     w = np.exp(-((pos - mu) ** 2) / (2 * sigma**2))
     return np.array([w[(pos >= a) & (pos < b)].sum() for a, b in zip(edges[:-1], edges[1:])])
 
@@ -82,15 +108,15 @@ def _binned_gaussian(n, head, mu, sigma, edges):
 def test_shift_gsample_matches_truncated_gaussian_when_k_much_smaller_than_n():
     n, k = 200_000, 2000  # K << N: without-replacement inclusion ≈ proportional to the density
     pos = select(n, "shift_gsample", k, seed=0) / n
-    assert pos.min() >= 0.25
-    edges = np.linspace(0.25, 1.0, 16)
+    assert pos.min() >= 0.25 and pos.max() < 0.85  # no scores: the default tail 0.15
+    edges = np.linspace(0.25, 0.85, 13)
     observed = np.histogram(pos, edges)[0]
-    expected = _binned_gaussian(n, 50_000, 0.55, 0.15, edges)
+    expected = _binned_gaussian(n, 50_000, 0.55, 0.15, edges, end=170_000)
     keep = expected / expected.sum() * k >= 5  # chi-square needs enough expected counts per bin
     exp_ = expected[keep] / expected[keep].sum() * observed[keep].sum()
     assert stats.chisquare(observed[keep], exp_).pvalue > 0.01
     # ... and the same test has the power to reject a Gaussian centred 0.05 away.
-    wrong = _binned_gaussian(n, 50_000, 0.60, 0.15, edges)[keep]
+    wrong = _binned_gaussian(n, 50_000, 0.60, 0.15, edges, end=170_000)[keep]
     assert stats.chisquare(observed[keep], wrong / wrong.sum() * observed[keep].sum()).pvalue < 1e-6
 
 
@@ -190,7 +216,7 @@ def test_prune_table_keeps_rank_order_and_columns():
     sub = prune_table(ratings, "shift_gsample", 0.2, seed=0)
     assert list(sub.columns) == ["id", "image_save_path", "caption"] and len(sub) == 10
     ranks = ratings.set_index("id").loc[sub["id"], "rank"].to_numpy()
-    assert np.all(np.diff(ranks) > 0) and ranks.min() >= 12  # shift 0.25 of 50 rows
+    assert np.all(np.diff(ranks) > 0) and ranks.min() >= 13 and ranks.max() < 43  # shift 0.25, tail 0.15 of 50
 
 
 def test_prune_cli(tmp_path, capsys):

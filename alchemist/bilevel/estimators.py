@@ -9,7 +9,8 @@ All rules build a surrogate  Σ_i stopgrad(a_i) · W_i(µ)  whose gradient in µ
 estimate of ∂L_val/∂µ; they differ in the per-sample coefficient a_i:
 - ``penalty``   a_i = l_i(θ)                      (official code, paper Eq. 9)
 - ``reference`` a_i = l_i(θ) − l_i(θ̂)             (paper Eq. 6; θ̂ trained on weighted train data)
-- ``lookahead`` a_i = −η ∇l_i(θ)·∇L_val(θ')        (exact one-step meta-gradient, SGD inner step)
+- ``lookahead`` a_i = ∂L_val(θ')/∂w_i              (the one-step meta-gradient through the proxy's own
+                                                   update: γ, the weights' scale and its AdamW step)
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ class StepContext:
     weight_B: torch.Tensor  # the detached weights the proxy step used
     theta_before: list[torch.Tensor] | None  # θ before the proxy step, if needs_snapshot
     autocast: Callable[[], object]  # the run's autocast context factory
+    gamma: float = 0.0  # the proxy objective: γ·L_val + (1−γ)·train_scale·Σ_i w_i·l_i
+    train_scale: float = 1.0  # 1, or 1/B with bilevel.official_scale
+    opt_proxy: torch.optim.Optimizer | None = None  # the proxy's optimiser, its state after this step
+    grads: list[torch.Tensor | None] | None = None  # the gradient that step used (if needs_snapshot)
 
 
 def weight_entropy(weight_B: torch.Tensor) -> torch.Tensor:
@@ -145,26 +150,35 @@ class Reference(Estimator):
 
 @register
 class Lookahead(Estimator):
-    """c_i = ∇l_i(θ)·v with v = ∇L_val(θ'), by a central difference along v.
+    """a_i = ∂L_val(θ')/∂w_i for the proxy step the trainer just took, θ' = update(θ, ∇J(θ; w)) with
+    J = γ·L_val + (1−γ)·s·Σ_i w_i·l_i. By the chain rule a_i = −(1−γ)·s·∇l_i(θ)·(P ⊙ v) with
+    v = ∇L_val(θ') and P = −∂θ'/∂g the update's Jacobian in its gradient g, which for Adam(W) and SGD
+    is diagonal (``update_jacobian``). The dot product c_i = ∇l_i(θ)·(P ⊙ v) is a central difference
+    along P ⊙ v: two extra forwards (any attention kernel works, no double backward) plus one
+    forward/backward for v. The forwards run in eval mode so both sides of the difference see the same
+    network (no drop-path noise).
 
-    Two extra forwards at θ ± εv (any attention kernel works, no double backward) plus one
-    forward/backward for v at θ'. The forwards run in eval mode so both sides of the difference
-    see the same network (no drop-path noise). With an SGD proxy step θ' = θ − η Σ_i w_i ∇l_i this
-    is the exact ∂L_val(θ')/∂w_i = −η c_i up to O(ε²); with AdamW θ' is the real updated proxy.
+    Exact up to O(ε²) for SGD and Adam(W) steps, with two approximations: gradient clipping's
+    factor is treated as a constant (exact when the norm is under ``grad_clip``), and under several
+    processes v is averaged like the gradients. At γ = 1 the proxy does not see the weights and
+    every a_i is 0: the rater does not learn from that step.
     """
 
     name = "lookahead"
     needs_snapshot = True
-    extra_passes = {"proxy_fwd_bwd": 1, "proxy_fwd": 2}  # v = ∇L_val(θ'), then l_i(θ ± εv)
+    extra_passes = {"proxy_fwd_bwd": 1, "proxy_fwd": 2}  # v = ∇L_val(θ'), then l_i(θ ± εPv)
 
     @classmethod
     def from_config(cls, cfg, proxy, make_optimizer, grad_clip) -> Estimator:
-        return cls(cfg.lookahead_eta, cfg.lookahead_eps)
+        return cls(cfg.lookahead_eps)
 
-    def __init__(self, eta: float, eps: float):
-        self.eta, self.eps = eta, eps
+    def __init__(self, eps: float):
+        self.eps = eps
 
     def coefficients(self, ctx: StepContext) -> torch.Tensor:
+        scale = (1.0 - ctx.gamma) * ctx.train_scale
+        if scale == 0.0:
+            return torch.zeros_like(ctx.train_loss_B)
         params = [p for p in ctx.proxy.parameters() if p.requires_grad]
         was_training = ctx.proxy.training
         ctx.proxy.eval()
@@ -173,9 +187,47 @@ class Lookahead(Estimator):
         v = list(torch.autograd.grad(val_loss, params, allow_unused=True))
         v = [torch.zeros_like(p) if g is None else g for g, p in zip(v, params)]
         average_tensors(v)
-        c_B = alignment(ctx.proxy, params, ctx.theta_before, v, ctx.train, self.eps, ctx.autocast)
+        jac = update_jacobian(ctx.opt_proxy, params, ctx.grads, ctx.theta_before)
+        c_B = alignment(ctx.proxy, params, ctx.theta_before, [j * g for j, g in zip(jac, v)], ctx.train,
+                        self.eps, ctx.autocast)
         ctx.proxy.train(was_training)
-        return -self.eta * c_B.float()
+        return -scale * c_B
+
+
+@torch.no_grad()
+def update_jacobian(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[torch.Tensor | None],
+                    theta: list[torch.Tensor]) -> list[torch.Tensor]:
+    """P = −∂θ'/∂g per coordinate for the step ``opt`` just took with gradient ``grads`` from ``theta``.
+
+    SGD: P = lr. Adam(W), with m, v its moments after the step, t its step count and
+    m̂ = m/(1−β1^t), ŝ = √(v/(1−β2^t)):  θ' = θ − lr·m̂/(ŝ+eps) (− AdamW's decay, free of g), so
+    P = lr/(ŝ+eps) · [(1−β1)/(1−β1^t) − m̂·(1−β2)·g / ((1−β2^t)·ŝ·(ŝ+eps))]. Adam's coupled weight
+    decay feeds g + wd·θ to the moments, so that is the g used.
+    """
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    out = []
+    for p, g, t0 in zip(params, grads, theta):
+        group, state = group_of[id(p)], opt.state.get(p, {})
+        if isinstance(opt, torch.optim.SGD) and not group["momentum"]:
+            out.append(torch.full_like(p, group["lr"] if g is not None else 0.0))
+            continue
+        if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) or group.get("amsgrad"):
+            raise ValueError("the lookahead rule needs the proxy optimiser to be SGD without momentum, Adam or AdamW "
+                             f"(no amsgrad); got {type(opt).__name__}")
+        if g is None or not state:
+            out.append(torch.zeros_like(p))
+            continue
+        if not isinstance(opt, torch.optim.AdamW) and group["weight_decay"]:
+            g = g + group["weight_decay"] * t0
+        b1, b2 = group["betas"]
+        t = float(state["step"])
+        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        m_hat = state["exp_avg"] / bc1
+        s_hat = (state["exp_avg_sq"] / bc2).sqrt()
+        den = s_hat + group["eps"]
+        curv = torch.where(s_hat > 0, m_hat * (1 - b2) * g / (bc2 * s_hat.clamp_min(1e-38) * den), 0.0)
+        out.append(group["lr"] / den * ((1 - b1) / bc1 - curv))
+    return out
 
 
 @torch.no_grad()

@@ -55,7 +55,7 @@ class BilevelTrainer(TrainLoop):
         lr_f = self.lr_factor()
         if self.opt_proxy is not None:
             set_lr(self.opt_proxy, cfg.optim.tlr * lr_f)
-        set_lr(self.opt_rater, cfg.optim.rater_lr * lr_f)
+        set_lr(self.opt_rater, cfg.optim.rater_lr * self.lr_factor(cfg.optim.rater_sche))
         self.estimator.set_lr(cfg.optim.tlr * lr_f)
         self.proxy.train(), self.rater.train()
 
@@ -73,10 +73,11 @@ class BilevelTrainer(TrainLoop):
             return None
         theta_before = ([p.detach().clone() for p in self.proxy.parameters() if p.requires_grad]
                         if self.estimator.needs_snapshot else None)
-        proxy_gnorm = self.proxy_step(proxy_loss)
+        proxy_gnorm, grads = self.proxy_step(proxy_loss, keep_grads=self.estimator.needs_snapshot)
 
         ctx = StepContext(self.proxy, train, val, rater_out, train_loss_B.detach().float(), weight_B,
-                          theta_before, self.autocast)
+                          theta_before, self.autocast, gamma, 1.0 / train.B if cfg.bilevel.official_scale else 1.0,
+                          self.opt_proxy, grads)
         rater_loss = self.estimator.rater_loss(ctx)
         if not torch.isfinite(rater_loss):
             return None
@@ -92,16 +93,23 @@ class BilevelTrainer(TrainLoop):
         out.update({f"L_val_s{i}": v for i, v in enumerate(per_scale.tolist())})
         return out
 
-    def proxy_step(self, loss: torch.Tensor) -> float:
-        """One update of the proxy on ``loss`` with its optimiser and scaler; the gradient norm."""
-        return self.optimizer_step(self.proxy, self.opt_proxy, loss, self.scalers[0])
+    def proxy_step(self, loss: torch.Tensor, keep_grads: bool = False) -> tuple[float, list | None]:
+        """One update of the proxy on ``loss`` with its optimiser and scaler: the gradient norm, and
+        with ``keep_grads`` a copy of the gradient the update used (the lookahead rule needs it)."""
+        if self.opt_proxy is None:
+            return 0.0, None
+        gnorm = self.backward(self.proxy, self.opt_proxy, loss, self.scalers[0])
+        grads = ([None if p.grad is None else p.grad.detach().clone() for p in self.proxy.parameters() if p.requires_grad]
+                 if keep_grads else None)
+        self.step(self.opt_proxy, self.scalers[0])
+        return gnorm, grads
 
     def plain_proxy_step(self, batch: TokenBatch) -> float:
         """A plain (unweighted) proxy step on one batch, in the run's precision: the step a bilevel
         step is compared with (benchmarks, rule comparisons)."""
         with self.autocast():
             loss = self.proxy.per_sample_loss(batch).float().mean()
-        return self.proxy_step(loss)
+        return self.proxy_step(loss)[0]
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [o for o in (self.opt_proxy, self.opt_rater) if o is not None]

@@ -1,0 +1,101 @@
+"""Rater quality over seeds: the whole rating pipeline (dataset, tokenizer, bilevel rater, scoring,
+Shift-Gsample subset) once per seed, and each planted kind's AUROC and keep rate as mean ± std.
+
+One seed is one ``scripts/demo.py --bench B --seed S`` run in its own process with one torch thread
+(the demo's setting, so a seed's numbers equal a ``make demo`` run with that seed), ``jobs`` at a
+time; a rerun reuses every finished stage. Every rater claim in docs/ comes from this report.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from alchemist.ratings import read_ratings
+from alchemist.utils.io import atomic_open
+from experiments.planted import kind_report
+from experiments.types import DEFECT_KINDS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return out / f"seed{seed}"
+
+
+def run_seed(bench: str, seed: int, out: Path, args: Sequence[str] = ()) -> float:
+    """One seed of the pipeline in a child process (log in <seed dir>/log.txt); its wall seconds."""
+    d = seed_dir(out, seed)
+    d.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "scripts/demo.py"), "--bench", bench, "--seed", str(seed), "--out", str(d), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    t0 = time.perf_counter()
+    with open(d / "log.txt", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"seed {seed} failed (exit {proc.returncode}); see {d / 'log.txt'}")
+    return time.perf_counter() - t0
+
+
+def seed_report(d: Path) -> pd.DataFrame:
+    """Per defect kind of one seed's run: AUROC of clean against it, and the share of it the subset kept."""
+    ratings = read_ratings(d / "ratings.parquet")
+    subset = read_ratings(d / "subset_ratings.parquet")
+    defects = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False)
+    rep = kind_report(ratings, defects[defects["split"] == "train"], selected_ids=subset["id"])
+    kinds = [k for k in DEFECT_KINDS if k in rep["auroc"].index]
+    return pd.DataFrame({"kind": kinds, "auroc": rep["auroc"].reindex(kinds).to_numpy(),
+                         "kept": rep["kept"].reindex(kinds).to_numpy()}).assign(kept_clean=float(rep["kept"]["clean"]))
+
+
+def summarize(per_seed: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample std over seeds, per kind."""
+    g = per_seed.groupby("kind", sort=False)
+    return pd.DataFrame({"auroc_mean": g["auroc"].mean(), "auroc_std": g["auroc"].std(ddof=1),
+                         "kept_mean": g["kept"].mean(), "kept_std": g["kept"].std(ddof=1), "seeds": g.size()})
+
+
+def format_summary(bench: str, table: pd.DataFrame, per_seed: pd.DataFrame) -> str:
+    seeds = sorted(per_seed["seed"].unique())
+    lines = [f"{bench}: {len(seeds)} seeds ({', '.join(map(str, seeds))}); AUROC clean > kind and the share of "
+             "the kind the Shift-Gsample 50 % subset kept, mean ± std over seeds", "",
+             "| kind | AUROC | kept by Shift-Gsample 50 % | AUROC per seed |", "|---|---|---|---|"]
+    for kind, r in table.iterrows():
+        each = ", ".join(f"{a:.3f}" for a in per_seed[per_seed["kind"] == kind].sort_values("seed")["auroc"])
+        lines.append(f"| {kind} | {r.auroc_mean:.3f} ± {r.auroc_std:.3f} | {r.kept_mean:.1%} ± {r.kept_std:.1%} | {each} |")
+    clean = per_seed.drop_duplicates("seed")["kept_clean"]
+    lines.append(f"| (clean) | | {clean.mean():.1%} ± {clean.std(ddof=1):.1%} | |")
+    return "\n".join(lines)
+
+
+def run_sweep(bench: str, seeds: Sequence[int], out: str | Path, jobs: int = 2, args: Sequence[str] = ()) -> pd.DataFrame:
+    """Run (or reuse) every seed, then write <out>/sweep.json and <out>/sweep.md; returns the summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [s for s in seeds if not (seed_dir(out, s) / "subset_ratings.parquet").exists()]
+    seconds: dict[int, float] = {}
+    with cf.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {pool.submit(run_seed, bench, s, out, args): s for s in todo}
+        for fut in cf.as_completed(futures):
+            seconds[futures[fut]] = fut.result()
+            print(f"seed {futures[fut]} done in {seconds[futures[fut]]:.0f}s", flush=True)
+    per_seed = pd.concat([seed_report(seed_dir(out, s)).assign(seed=s) for s in seeds], ignore_index=True)
+    table = summarize(per_seed)
+    text = format_summary(bench, table, per_seed)
+    with atomic_open(out / "sweep.md") as f:
+        f.write(text + "\n")
+    record = {"bench": bench, "seeds": list(seeds), "args": list(args), "seconds": seconds,
+              "per_seed": per_seed.replace({np.nan: None}).to_dict("records"),
+              "summary": table.reset_index().replace({np.nan: None}).to_dict("records")}
+    with atomic_open(out / "sweep.json") as f:
+        json.dump(record, f, indent=2)
+    print(text)
+    return table

@@ -1,0 +1,96 @@
+"""The second benchmark (real digit scans with planted kinds) and the seed-sweep report."""
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from experiments.digits_data import WORDS, DigitsSpec, generate_digits
+from experiments.planted import auroc
+from experiments.sweep import run_sweep
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    generate_digits(out, DigitsSpec(seed=3))
+    return out, pd.read_csv(out / "defects.csv", dtype={"id": str}, keep_default_na=False)
+
+
+def _md5(path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_digits_split_counts_and_truth(digits):
+    out, d = digits
+    train, val = d[d["split"] == "train"], d[d["split"] == "val"]
+    assert len(val) == 400 and len(train) == 1797 - 400 and set(val["kind"]) == {"clean"}
+    assert not set(train["uci_index"]) & set(val["uci_index"])  # no scan is in both splits
+    counts = train["kind"].value_counts()
+    assert counts["plain"] == counts["noise"] == counts["misaligned"] == counts["blurred"] == round(0.1 * 1397)
+    assert counts["duplicate"] == round(0.05 * 1397)
+    assert list(pd.read_csv(out / "train.csv").columns) == ["id", "image_path", "caption"]
+
+
+def test_digit_captions_name_the_digit_except_misaligned(digits):
+    _, d = digits
+    named = d[d["label"] >= 0]
+    said = named["caption"].map(lambda c: next(i for i, w in enumerate(WORDS) if w in c.split(" ") or w + "," in c))
+    right = said == named["label"]
+    assert right[named["kind"] != "misaligned"].all()
+    assert not right[named["kind"] == "misaligned"].any()
+
+
+def test_duplicates_are_byte_copies_and_defects_look_as_planted(digits):
+    out, d = digits
+    ids = d.set_index("id")
+    for _, r in d[d["kind"] == "duplicate"].head(10).iterrows():
+        src = ids.loc[r["source_id"]]
+        assert src["kind"] == "clean" and src["caption"] == r["caption"]
+        assert _md5(out / f"images/{r['id']}.png") == _md5(out / f"images/{r['source_id']}.png")
+
+    def pixels(kind):
+        return np.stack([np.asarray(Image.open(out / f"images/{i}.png"), dtype=np.float64)
+                         for i in d[d["kind"] == kind]["id"].head(20)])
+    assert pixels("plain").std(axis=(1, 2, 3)).max() == 0.0  # a uniform page
+    assert pixels("noise").std(axis=(1, 2, 3)).min() > 50  # random pixels
+    clean, blurred = pixels("clean"), pixels("blurred")
+    ratio = np.abs(np.diff(blurred, axis=2)).mean() / np.abs(np.diff(clean, axis=2)).mean()
+    assert ratio < 0.8, ratio  # softer edges
+
+
+def test_digits_same_seed_same_bytes(digits, tmp_path):
+    out, _ = digits
+    generate_digits(tmp_path, DigitsSpec(seed=3))
+    assert _md5(tmp_path / "defects.csv") == _md5(out / "defects.csv")
+    assert _md5(tmp_path / "images/train_00007.png") == _md5(out / "images/train_00007.png")
+
+
+def test_sweep_report_matches_a_recomputation_from_each_seeds_ratings(tmp_path):
+    """Two seeds of the whole pipeline at toy size; the report's mean ± std equal AUROCs and keep rates
+    recomputed here from each seed's own ratings, subset and truth."""
+    args = ["--n-train", "64", "--n-val", "16", "--tokenizer-steps", "2", "--ep=1", "--bs=8", "--depth=1",
+            "--raterDepth=1", "--text_max_len=16", "--num_workers=0"]
+    table = run_sweep("demo", [0, 1], tmp_path, jobs=2, args=args)
+    rows = []
+    for seed in (0, 1):
+        d = tmp_path / f"seed{seed}"
+        r = pd.read_parquet(d / "ratings.parquet")
+        kept = set(pd.read_parquet(d / "subset_ratings.parquet")["id"].astype(str))
+        truth = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False).set_index("id")["kind"]
+        r = r.assign(kind=r["id"].astype(str).map(truth))
+        clean = r.loc[r["kind"] == "clean", "score"]
+        for kind in ("plain", "noise", "misaligned", "duplicate", "blurred"):
+            part = r[r["kind"] == kind]
+            rows.append({"seed": seed, "kind": kind, "auroc": auroc(clean, part["score"]),
+                         "kept": part["id"].astype(str).isin(kept).mean()})
+    mine = pd.DataFrame(rows).groupby("kind")
+    for kind, r in table.iterrows():
+        assert r["auroc_mean"] == pytest.approx(mine["auroc"].mean()[kind])
+        assert r["auroc_std"] == pytest.approx(mine["auroc"].std(ddof=1)[kind])
+        assert r["kept_mean"] == pytest.approx(mine["kept"].mean()[kind])
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    assert record["seeds"] == [0, 1] and len(record["per_seed"]) == 10
+    assert "± " in (tmp_path / "sweep.md").read_text()
