@@ -72,7 +72,7 @@ def run_arm(seed_dir: str, arm: str, seed: int, epochs_full: int, overrides: Seq
     cfg = demo_config(T2IConfig, config, d, seed, [*overrides, f"--train_csv_path={out / 'subset.csv'}",
                                                    f"--local_out_dir_path={d / 'downstream'}", f"--exp_name={arm}",
                                                    f"--ep={epochs}", "--progress=false"])
-    summary_path = out / arm / "summary.json"
+    summary_path = out / "summary.json"  # a finished run is reused
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else train_t2i(cfg)
     shuffled = caption_shuffled_loss(cfg.output.run_dir, Path(cfg.data.val_csv_path))
     defects = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False).set_index("id")["kind"]

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from alchemist.ratings import read_ratings
+from alchemist.selection import select
 from alchemist.utils.io import atomic_open
 from experiments.planted import kind_report
 from experiments.types import DEFECT_KINDS
@@ -56,11 +57,40 @@ def seed_report(d: Path) -> pd.DataFrame:
                          "kept": rep["kept"].reindex(kinds).to_numpy()}).assign(kept_clean=float(rep["kept"]["clean"]))
 
 
+# what each strategy keeps from the same ratings at 50 % (the first is the pipeline's own subset)
+STRATEGIES = {"Shift-Gsample (default)": ("shift_gsample", {}),
+              "Shift-Gsample, no tail (paper µ/σ/shift)": ("shift_gsample", {"tail": 0.0, "shift": 0.25, "mu": 0.55,
+                                                                              "sigma": 0.15}),
+              "Gsample": ("gsample", {}), "Top-K": ("topk", {}), "block (start 0.4)": ("block", {}),
+              "random": ("random", {})}
+
+
+def strategy_keeps(d: Path, seed: int, retention: float = 0.5) -> pd.DataFrame:
+    """Share of each kind (rows) that each strategy (columns) keeps from one seed's ratings."""
+    ratings = read_ratings(d / "ratings.parquet")
+    defects = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False)
+    kind = ratings["id"].astype(str).map(defects.set_index("id")["kind"])
+    out = {}
+    for name, (strategy, params) in STRATEGIES.items():
+        kept = np.zeros(len(ratings), dtype=bool)
+        kept[select(ratings, strategy, retention, seed=seed, **params)] = True
+        out[name] = pd.Series(kept).groupby(kind.to_numpy()).mean()
+    return pd.DataFrame(out)
+
+
 def summarize(per_seed: pd.DataFrame) -> pd.DataFrame:
     """Mean and sample std over seeds, per kind."""
     g = per_seed.groupby("kind", sort=False)
     return pd.DataFrame({"auroc_mean": g["auroc"].mean(), "auroc_std": g["auroc"].std(ddof=1),
                          "kept_mean": g["kept"].mean(), "kept_std": g["kept"].std(ddof=1), "seeds": g.size()})
+
+
+def format_keeps(keeps: pd.DataFrame) -> str:
+    """Mean over seeds of ``strategy_keeps`` as a Markdown table."""
+    lines = ["| kind | " + " | ".join(keeps.columns) + " |", "|---" * (len(keeps.columns) + 1) + "|"]
+    for kind, r in keeps.iterrows():
+        lines.append(f"| {kind} | " + " | ".join(f"{v:.1%}" for v in r) + " |")
+    return "\n".join(lines)
 
 
 def format_summary(bench: str, table: pd.DataFrame, per_seed: pd.DataFrame) -> str:
@@ -89,12 +119,16 @@ def run_sweep(bench: str, seeds: Sequence[int], out: str | Path, jobs: int = 2, 
             print(f"seed {futures[fut]} done in {seconds[futures[fut]]:.0f}s", flush=True)
     per_seed = pd.concat([seed_report(seed_dir(out, s)).assign(seed=s) for s in seeds], ignore_index=True)
     table = summarize(per_seed)
-    text = format_summary(bench, table, per_seed)
+    keeps = sum(strategy_keeps(seed_dir(out, s), s) for s in seeds) / len(seeds)
+    keeps = keeps.reindex([k for k in ("clean", *DEFECT_KINDS) if k in keeps.index])
+    text = (format_summary(bench, table, per_seed) + "\n\nShare of each kind that each strategy keeps at 50 % from "
+            "the same ratings, mean over seeds:\n\n" + format_keeps(keeps))
     with atomic_open(out / "sweep.md") as f:
         f.write(text + "\n")
     record = {"bench": bench, "seeds": list(seeds), "args": list(args), "seconds": seconds,
               "per_seed": per_seed.replace({np.nan: None}).to_dict("records"),
-              "summary": table.reset_index().replace({np.nan: None}).to_dict("records")}
+              "summary": table.reset_index().replace({np.nan: None}).to_dict("records"),
+              "strategy_keeps": keeps.to_dict()}
     with atomic_open(out / "sweep.json") as f:
         json.dump(record, f, indent=2)
     print(text)

@@ -1,7 +1,10 @@
 """Prune a rated dataset: keep the rows a strategy selects, in rank order.
 
     python scripts/prune.py --ratings ratings.parquet --out subset.csv \
-        --strategy shift_gsample --retention 0.5 [--seed 0 --mu 0.55 --sigma 0.15 --shift 0.25]
+        --strategy shift_gsample --retention 0.5 [--seed 0 --mu 0.55 --sigma 0.15 --shift 0.25 --tail 0.15]
+
+Shift-Gsample's defaults follow the rule in docs/selection.md: the tail is the low mode of clearly
+bimodal scores (else 0.15), the shift the paper's (shrunk to fit), the Gaussian centred on what is left.
 
 --retention is a fraction when it has a decimal point or a % sign (0.5, 50%, 1.0 = all)
 and a row count when it is a whole number (1000). The output keeps the input's columns,
@@ -15,7 +18,7 @@ import sys
 import numpy as np
 
 from alchemist.ratings import read_ratings, write_table
-from alchemist.selection import STRATEGIES, parse_retention, prune_table, rank_histogram
+from alchemist.selection import STRATEGIES, parse_retention, prune_table, rank_histogram, resolve_params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,14 +31,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mu", type=float, help="gsample / shift_gsample: Gaussian centre (rank fraction)")
     ap.add_argument("--sigma", type=float, help="gsample / shift_gsample: Gaussian width (rank fraction)")
     ap.add_argument("--shift", type=float, help="shift_gsample: discard ranks below this fraction")
+    ap.add_argument("--tail", type=float, help="shift_gsample: discard the last ranks, this fraction of them")
     ap.add_argument("--start", type=float, help="block: window start (rank fraction)")
     ap.add_argument("--keep-scores", action="store_true", help="keep the score and rank columns")
     args = ap.parse_args(argv)
 
-    params = {k: getattr(args, k) for k in ("mu", "sigma", "shift", "start") if getattr(args, k) is not None}
+    params = {k: getattr(args, k) for k in ("mu", "sigma", "shift", "tail", "start") if getattr(args, k) is not None}
     try:
         ratings = read_ratings(args.ratings)
         subset = prune_table(ratings, args.strategy, args.retention, args.seed, keep_scores=True, **params)
+        used = resolve_params(args.strategy, len(ratings), args.retention, ratings["score"].to_numpy(), **params)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -46,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     write_table(subset, args.out)
 
     print(f"kept {k} of {n} rows ({k / n:.2%}) with {args.strategy} seed={args.seed} -> {args.out}")
+    if used:
+        print("parameters: " + ", ".join(f"{p} {v:.4g}" for p, v in used.items()))
     print("rank decile   kept   share of decile")
     sizes = np.diff(-(-np.arange(11) * n // 10))  # rows per decile: ranks i with i * 10 // n == d
     for d, (c, size) in enumerate(zip(hist, sizes)):

@@ -162,6 +162,11 @@ def test_lookahead_equals_brute_force_derivative_of_the_trainers_step(opt_kind, 
     assert all(torch.equal(p, q) for p, q in zip(params, theta_prime))  # θ' restored after the ± passes
 
 
+def test_lookahead_refuses_a_frozen_proxy():
+    with pytest.raises(ConfigError, match="fix_proxy"):
+        build_estimator(BilevelConfig(estimator="lookahead", fix_proxy=True), None, None, 0.0)
+
+
 def test_lookahead_gives_no_signal_when_the_proxy_ignores_the_weights():
     """At γ = 1 the proxy step does not depend on w, so the true derivative is 0."""
     out = RaterOutput(torch.zeros(3), torch.zeros(3), torch.tensor(1.0))

@@ -68,12 +68,19 @@ def test_digits_same_seed_same_bytes(digits, tmp_path):
     assert _md5(tmp_path / "images/train_00007.png") == _md5(out / "images/train_00007.png")
 
 
-def test_sweep_report_matches_a_recomputation_from_each_seeds_ratings(tmp_path):
-    """Two seeds of the whole pipeline at toy size; the report's mean ± std equal AUROCs and keep rates
-    recomputed here from each seed's own ratings, subset and truth."""
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """Two seeds of the whole pipeline at toy size."""
+    out = tmp_path_factory.mktemp("sweep")
     args = ["--n-train", "64", "--n-val", "16", "--tokenizer-steps", "2", "--ep=1", "--bs=8", "--depth=1",
             "--raterDepth=1", "--text_max_len=16", "--num_workers=0"]
-    table = run_sweep("demo", [0, 1], tmp_path, jobs=2, args=args)
+    return out, run_sweep("demo", [0, 1], out, jobs=2, args=args)
+
+
+def test_sweep_report_matches_a_recomputation_from_each_seeds_ratings(swept):
+    """The report's mean ± std equal AUROCs and keep rates recomputed here from each seed's own
+    ratings, subset and truth."""
+    tmp_path, table = swept
     rows = []
     for seed in (0, 1):
         d = tmp_path / f"seed{seed}"
@@ -93,4 +100,31 @@ def test_sweep_report_matches_a_recomputation_from_each_seeds_ratings(tmp_path):
         assert r["kept_mean"] == pytest.approx(mine["kept"].mean()[kind])
     record = json.loads((tmp_path / "sweep.json").read_text())
     assert record["seeds"] == [0, 1] and len(record["per_seed"]) == 10
+    keeps = pd.DataFrame(record["strategy_keeps"])
+    for kind, r in table.iterrows():  # the strategy table's default column is the pipeline's own subset
+        assert keeps.loc[kind, "Shift-Gsample (default)"] == pytest.approx(r["kept_mean"])
     assert "± " in (tmp_path / "sweep.md").read_text()
+
+
+def test_downstream_arms_at_equal_steps(swept):
+    """Every arm × seed trains the same number of steps; the subsets are the selection rule's on the
+    seed's own ratings; the report's numbers are the runs' mean ± std."""
+    from alchemist.ratings import read_ratings
+    from alchemist.selection import select
+    from experiments.downstream import run_downstream
+
+    out, _ = swept
+    table = run_downstream(out, "demo", [0, 1], epochs_full=1, jobs=2,
+                           overrides=["--depth=1", "--bs=8", "--text_max_len=16", "--num_workers=0"])
+    runs = pd.DataFrame(json.loads((out / "downstream.json").read_text())["runs"])
+    assert set(runs["arm"]) == {"full", "random_50", "shift_gsample_50", "topk_50"} and len(runs) == 8
+    assert runs["steps"].nunique() == 1  # 64 rows / 8 = 8 steps; 32 rows / 8 * 2 epochs = 8 steps
+    assert (runs.loc[runs["arm"] == "full", "rows"] == 64).all() and (runs.loc[runs["arm"] != "full", "rows"] == 32).all()
+    for seed in (0, 1):
+        ratings = read_ratings(out / f"seed{seed}/ratings.parquet")
+        top = set(ratings.iloc[select(ratings, "topk", 0.5)]["id"].astype(str))
+        assert set(pd.read_csv(out / f"seed{seed}/downstream/topk_50/subset.csv", dtype={"id": str})["id"]) == top
+    assert np.isfinite(runs["heldout_loss"]).all() and np.isfinite(runs["caption_gain"]).all()
+    g = runs.groupby("arm")
+    assert table["heldout_mean"].to_dict() == pytest.approx(g["heldout_loss"].mean().to_dict())
+    assert table["heldout_std"].to_dict() == pytest.approx(g["heldout_loss"].std(ddof=1).to_dict())

@@ -69,7 +69,8 @@ def bench_config(preset: Preset, workdir: str | Path, overrides: Sequence[str] =
     except the random text encoder under ``workdir``."""
     base = {**preset.overrides, "text_enc_path": str(Path(workdir) / "text_encoder"),
             "local_out_dir_path": str(Path(workdir) / "runs"), "num_workers": 0, "progress": False,
-            "wandb": "disabled", "caption_dropout": 0.0}
+            "wandb": "disabled", "caption_dropout": 0.0,
+            "gamma_start": 0.97}  # time the common step: at γ = 1 lookahead has no signal and skips its passes
     base = {k: (list(v) if isinstance(v, tuple) else v) for k, v in base.items()}
     return load_config(RaterConfig, None, {**base, **parse_overrides(RaterConfig, list(overrides))})
 

@@ -170,6 +170,9 @@ class Lookahead(Estimator):
 
     @classmethod
     def from_config(cls, cfg, proxy, make_optimizer, grad_clip) -> Estimator:
+        if cfg.fix_proxy:
+            raise ConfigError("bilevel.estimator=lookahead differentiates through the proxy's step, and "
+                              "bilevel.fix_proxy=true takes none; use penalty or reference with a frozen proxy")
         return cls(cfg.lookahead_eps)
 
     def __init__(self, eps: float):
