@@ -12,6 +12,8 @@
     python scripts/experiment.py downstream --sweep runs/sweep/demo [--seeds 0,1,2 --epochs 2 --jobs 2] [--key=value ...]
         full vs random 50 % vs Shift-Gsample 50 % vs Top-K 50 % at equal training steps on every seed of a
         sweep (scripts/demo.py sweep): held-out loss and caption gain, mean +- std (<sweep>/downstream.md)
+    python scripts/experiment.py signal --run runs/sweep/digits/seed0
+        AUROC per planted kind of the lookahead signal at a run's final proxy, beside the rater's
     python scripts/experiment.py classifier --demo runs/demo/data --out runs/demo/attr_clf.pt
         the attribute classifier that judges GenEval-lite and FID-lite, with its held-out accuracy
 """
@@ -146,8 +148,24 @@ def downstream_main(argv: list[str]) -> int:
     return 0
 
 
+def signal_main(argv: list[str]) -> int:
+    from experiments.signal import final_signal
+
+    ap = argparse.ArgumentParser(prog="experiment.py signal", description="AUROC per planted kind of the lookahead "
+                                 "coefficient at a rater run's final proxy, beside the rater's own AUROC.")
+    ap.add_argument("--run", required=True, help="a demo-layout run folder (data/, rater/, ratings.parquet)")
+    ap.add_argument("--n-val", type=int, default=400, help="validation pairs in the gradient")
+    args = ap.parse_args(argv)
+    try:
+        print(final_signal(args.run, args.n_val).round(3).to_string())
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 COMMANDS = {"selection": selection_main, "rules": rules_main, "classifier": classifier_main,
-            "downstream": downstream_main}
+            "downstream": downstream_main, "signal": signal_main}
 
 
 def main(argv: list[str] | None = None) -> int:
