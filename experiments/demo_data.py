@@ -191,7 +191,7 @@ def _noise_image(size: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8), "RGB")
 
 
-def _png(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
@@ -227,14 +227,14 @@ def _generate_train(spec: DemoSpec, kinds: list[str], rng: np.random.Generator,
         if kind in ("clean", "blurred"):
             scene = scenes[i] = sample_scene(rng)
             img = render_scene(scene, spec.image_size, rng)
-            pngs[i] = _png(img.filter(blur) if kind == "blurred" else img)
+            pngs[i] = png_bytes(img.filter(blur) if kind == "blurred" else img)
             rows[i] = _row(name(i), "train", kind, scene.caption, scene, scene.caption)
         elif kind == "plain":
-            pngs[i] = _png(_plain_image(spec.image_size, rng))
+            pngs[i] = png_bytes(_plain_image(spec.image_size, rng))
             caption = str(rng.choice(GENERIC_CAPTIONS))
             rows[i] = _row(name(i), "train", kind, caption, None, caption)
         elif kind == "noise":
-            pngs[i] = _png(_noise_image(spec.image_size, rng))
+            pngs[i] = png_bytes(_noise_image(spec.image_size, rng))
             asked = sample_scene(rng)
             rows[i] = _row(name(i), "train", kind, asked.caption, asked, "")
     clean = np.flatnonzero(np.array(kinds, dtype=object) == "clean")
@@ -249,7 +249,7 @@ def _generate_train(spec: DemoSpec, kinds: list[str], rng: np.random.Generator,
             scene = sample_scene(rng)
             while (scene.shape, scene.colour) == (asked.shape, asked.colour):  # clearly a different scene
                 scene = sample_scene(rng)
-            pngs[i] = _png(render_scene(scene, spec.image_size, rng))
+            pngs[i] = png_bytes(render_scene(scene, spec.image_size, rng))
             rows[i] = _row(name(i), "train", kind, asked.caption, asked, scene.caption, source_id=name(src))
     return rows, pngs
 
@@ -261,7 +261,7 @@ def _generate_val(spec: DemoSpec, rng: np.random.Generator, name: Callable[[int]
     for j in tqdm(range(spec.n_val), desc="demo val", disable=None):
         while True:
             scene = sample_scene(rng)
-            png = _png(render_scene(scene, spec.image_size, rng))
+            png = png_bytes(render_scene(scene, spec.image_size, rng))
             if png not in taken:
                 break
         rows.append(_row(name(j), "val", "clean", scene.caption, scene, scene.caption))

@@ -15,7 +15,6 @@ training code reads. Everything is a function of ``DigitsSpec``: the same spec g
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import pandas as pd
 from PIL import Image, ImageFilter
 
 from alchemist.utils.io import atomic_open
+from experiments.demo_data import png_bytes
 from experiments.types import KINDS
 
 FORMAT_VERSION = 1  # bump when the generator's output changes, so old outputs are not reused
@@ -66,12 +66,6 @@ def scan_image(v_88: np.ndarray, size: int) -> Image.Image:
     """A 0..16 ink map as dark ink on white, bicubic-resized to ``size``."""
     grey = np.clip(255.0 - v_88 * (255.0 / 16.0), 0, 255).astype(np.uint8)
     return Image.fromarray(grey, "L").resize((size, size), Image.BICUBIC).convert("RGB")
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _spec_record(spec: DigitsSpec) -> dict:
@@ -127,7 +121,7 @@ def _write(out: Path, spec: DigitsSpec) -> None:
             source = f"train_{int(rng.choice(clean)):05d}"
         rows.append({"id": f"train_{i:05d}", "split": "train", "kind": kind, "source_id": source, "caption": cap,
                      "label": label, "uci_index": src})
-        pngs.append(_png(img))
+        pngs.append(png_bytes(img))
     index = {r["id"]: j for j, r in enumerate(rows)}
     for j, r in enumerate(rows):  # a duplicate is its clean source's pair, byte for byte
         if r["kind"] == "duplicate":
@@ -138,7 +132,7 @@ def _write(out: Path, spec: DigitsSpec) -> None:
         y = int(labels[src])
         rows.append({"id": f"val_{j:05d}", "split": "val", "kind": "clean", "source_id": "", "caption": caption(y),
                      "label": y, "uci_index": int(src)})
-        pngs.append(_png(scan_image(images_88[src], size)))
+        pngs.append(png_bytes(scan_image(images_88[src], size)))
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     for r, png in zip(rows, pngs):
