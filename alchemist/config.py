@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _check(self.depth >= 1 and self.raterDepth >= 1, "model.depth and model.raterDepth must be >= 1")
+        _check(self.text_max_len >= 1, "model.text_max_len must be >= 1 (captions are truncated to it)")
         _check(len(self.patch_nums) >= 1, "model.patch_nums must not be empty")
         _check(all(p >= 1 for p in self.patch_nums), "model.patch_nums must be positive")
         _check(list(self.patch_nums) == sorted(set(self.patch_nums)),
@@ -113,7 +115,8 @@ class OptimConfig:
     def __post_init__(self):
         _check(self.bs >= 1, "optim.bs must be >= 1")
         _check(self.ep >= 1, "optim.ep must be >= 1")
-        _check(self.tlr > 0 and self.rater_lr > 0, "optim.tlr and optim.rater_lr must be > 0")
+        _check(0 < self.tlr < math.inf and 0 < self.rater_lr < math.inf,
+               "optim.tlr and optim.rater_lr must be finite and > 0")
         _check(self.twd >= 0 and self.rater_wd >= 0, "weight decay must be >= 0")
         _check(self.opt in ("adamw", "adam", "sgd"), f"optim.opt must be adamw, adam or sgd, got {self.opt!r}")
         _check(self.sche in ("lin0", "lin", "cos", "const"), f"optim.sche must be lin0, lin, cos or const, got {self.sche!r}")

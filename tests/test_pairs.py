@@ -58,6 +58,17 @@ def test_load_pairs_keeps_good_rows_and_records_skips(table_dir, tmp_path):
     assert out.read_text() == "id,reason\nd,missing file\ne,empty caption\n"
 
 
+def test_csv_text_that_reads_like_a_missing_value_is_kept(table_dir, tmp_path):
+    """An id or caption "NA", "None" or "null" is text, not a missing value (an empty caption still is)."""
+    src = pd.read_csv(table_dir / "pairs.csv", keep_default_na=False)
+    src = src.assign(id=["NA", "None", "c", "d", "e"], caption=["NA", "null", "broken", "missing", ""])
+    src.to_csv(table_dir / "na.csv", index=False)
+    skips = SkipLog()
+    df = load_pairs(table_dir / "na.csv", CFG, skips)
+    assert df["id"].tolist() == ["NA", "None", "c"] and df["caption"].tolist() == ["NA", "null", "broken"]
+    assert skips.items == [("d", "missing file"), ("e", "empty caption")]
+
+
 def test_dataset_reports_truncated_image_instead_of_raising(table_dir):
     ds = PairsDataset(load_pairs(table_dir / "pairs.csv", CFG), image_size=16)
     bad = ds[2]

@@ -103,7 +103,9 @@ def _read_table(path: Path, text_cols: list[str]) -> pd.DataFrame:
     try:
         if suffix in (".csv", ".tsv"):
             # the key columns stay text: ids like "00012" must not become 12
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype={c: str for c in text_cols})
+            # and "NA", "None", "null" in them are text, not missing values (a caption can read "NA")
+            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype={c: str for c in text_cols},
+                               keep_default_na=False, na_values={c: [""] for c in text_cols})
         if suffix in (".parquet", ".pq"):
             return pd.read_parquet(path)
     except (OSError, ValueError, pa.ArrowException) as e:
