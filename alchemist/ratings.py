@@ -82,6 +82,13 @@ def read_ratings(path: str | os.PathLike) -> pd.DataFrame:
     _require(df, REQUIRED, f"ratings file {path}")
     df["score"] = pd.to_numeric(df["score"], errors="raise").astype(np.float64)
     df["rank"] = pd.to_numeric(df["rank"], errors="raise").astype(np.int64)
+    bad = int((~np.isfinite(df["score"].to_numpy())).sum())
+    if bad:
+        raise ValueError(f"ratings file {path}: {bad} rows have a NaN or infinite score; rescore or drop them")
+    dup = df["id"].astype(str).duplicated()
+    if dup.any():
+        raise ValueError(f"ratings file {path}: {int(dup.sum())} ids appear more than once (first: "
+                         f"{df.loc[dup, 'id'].iloc[0]!r}); each pair must be rated once")
     if not _is_ranked(df):
         rank = df["rank"].to_numpy()
         if len(rank) and (rank.min() != 0 or rank.max() != len(rank) - 1

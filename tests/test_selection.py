@@ -211,6 +211,17 @@ def test_read_ratings_sorts_by_rank_and_validates(tmp_path):
         read_ratings(tmp_path / "r.json")
 
 
+def test_ratings_with_nan_scores_or_repeated_ids_are_refused(tmp_path):
+    """A ranked file whose scores are NaN, or whose ids repeat, is not pruned into a subset."""
+    ranked = rank_scores(_pairs())
+    ranked.assign(score=np.nan).to_csv(tmp_path / "nan.csv", index=False)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        read_ratings(tmp_path / "nan.csv")
+    ranked.assign(id=["x"] + ranked["id"].tolist()[1:-1] + ["x"]).to_parquet(tmp_path / "dup.parquet")
+    with pytest.raises(ValueError, match="more than once.*'x'"):
+        read_ratings(tmp_path / "dup.parquet")
+
+
 def test_prune_table_keeps_rank_order_and_columns():
     ratings = rank_scores(_pairs())
     sub = prune_table(ratings, "shift_gsample", 0.2, seed=0)
