@@ -27,6 +27,7 @@ from alchemist.tokenizer_training import train_tokenizer_for
 from experiments.demo_data import DemoSpec, format_summary, generate_demo
 from experiments.digits_data import DigitsSpec, generate_digits
 from experiments.planted import format_kind_report, kind_report
+from experiments.types import BENCHMARKS
 
 
 def stage(title: str) -> float:
@@ -36,9 +37,6 @@ def stage(title: str) -> float:
 
 def done(t: float) -> None:
     print(f"({time.perf_counter() - t:.1f}s)", flush=True)
-
-
-BENCHMARKS = ("demo", "digits")
 
 
 def demo_dataset(out: Path, n_train: int, n_val: int, seed: int, bench: str = "demo") -> Path:

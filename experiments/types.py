@@ -19,6 +19,7 @@ from alchemist.selection import SEEDED
 
 KINDS = ("clean", "plain", "noise", "misaligned", "duplicate", "blurred")
 DEFECT_KINDS = tuple(k for k in KINDS if k != "clean")
+BENCHMARKS = ("demo", "digits")  # generated scenes; real handwritten-digit scans
 HEURISTIC_CANDIDATES = ("clarity", "lowfreq", "edge_density")
 
 # set per run by the experiment; an override of these would be silently replaced, so it is refused

@@ -25,8 +25,8 @@ import argparse
 import dataclasses
 import sys
 
-from experiments.demo import BENCHMARKS
 from experiments.demo_data import DemoSpec, format_summary, generate_demo
+from experiments.types import BENCHMARKS
 
 
 def _common(ap: argparse.ArgumentParser) -> None:
