@@ -46,17 +46,22 @@ class TokenBatch:
 
     ``idx_BL``: the ids of all scales concatenated (L = Σ pn²), the proxy's targets.
     ``x_BLC``: the teacher-forcing input (B, L − pn₀², Cvae), f̂ after each scale resized to the next.
+    ``final_BlC``: f̂ after the last scale (B, pn_K², Cvae). The teacher-forcing input ends one scale
+    short of it, so without it a model of these inputs never sees the finest codes.
     """
     idx_BL: Tensor
     x_BLC: Tensor
     text: TextFeatures
+    final_BlC: Tensor | None = None  # the finished f̂ as pn_K² tokens (the rater's view of the last scale)
 
     @property
     def B(self) -> int:
         return self.idx_BL.shape[0]
 
     def to(self, device) -> TokenBatch:
-        return TokenBatch(self.idx_BL.to(device), self.x_BLC.to(device), self.text.to(device))
+        final = None if self.final_BlC is None else self.final_BlC.to(device)
+        return TokenBatch(self.idx_BL.to(device), self.x_BLC.to(device), self.text.to(device), final)
 
     def index(self, sel) -> TokenBatch:
-        return TokenBatch(self.idx_BL[sel], self.x_BLC[sel], self.text.index(sel))
+        final = None if self.final_BlC is None else self.final_BlC[sel]
+        return TokenBatch(self.idx_BL[sel], self.x_BLC[sel], self.text.index(sel), final)

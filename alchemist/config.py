@@ -67,6 +67,7 @@ class ModelConfig:
     rope_norm: float = 64.0
     rope_theta: float = 10000.0
     group_head: bool = True
+    rater_full_image: bool = True  # the rater also reads the finished f̂ (false = the official rater's input)
     cfg: float = 4.0  # classifier-free guidance scale at sampling time
     top_k: int = 600
     top_p: float = 0.8
@@ -138,6 +139,9 @@ class BilevelConfig:
     fix_proxy: bool = False  # keep a pretrained proxy frozen (official `fixVar`)
     lookahead_eps: float = 1e-2  # central-difference step: theta +- (eps / |u|) * u, u = P * grad L_val
     center: bool = True  # centre the rule's coefficients on their batch mean (keeps the group head alive)
+    standardize: bool = False  # also divide them by their batch std: every step teaches the rater equally
+    rater_replay: int = 0  # extra rater steps per step, each on a stored batch of the last replay_size steps
+    replay_size: int = 32  # with the coefficients computed then (0 replay = the paper's one rater step)
     official_scale: bool = False  # proxy train term (1/B)·Σ softmax·l as in the official code;
     # default: weights rescaled to mean 1 so the train term is a weighted average of the losses
 
@@ -145,6 +149,8 @@ class BilevelConfig:
         _check(0 <= self.gamma_min <= self.gamma_start <= 1, "need 0 <= bilevel.gamma_min <= bilevel.gamma_start <= 1")
         _check(self.gamma_decay >= 0 and self.entropy_reg >= 0, "bilevel.gamma_decay and entropy_reg must be >= 0")
         _check(self.lookahead_eps > 0, "bilevel.lookahead_eps must be > 0")
+        _check(self.center or not self.standardize, "bilevel.standardize needs bilevel.center=true")
+        _check(self.rater_replay >= 0 and self.replay_size >= 1, "bilevel.rater_replay must be >= 0 and replay_size >= 1")
 
 
 @dataclass(frozen=True)

@@ -77,7 +77,8 @@ def _tiny_batch(B, V=16, Cvae=4, T=3, D=8, seed=0, dtype=torch.float64):
     L = sum(p * p for p in PATCH_NUMS)
     text = TextFeatures(torch.randn(B, T, D, generator=g, dtype=dtype), torch.ones(B, T, dtype=torch.bool),
                         torch.randn(B, D, generator=g, dtype=dtype))
-    return TokenBatch(torch.randint(0, V, (B, L), generator=g), torch.randn(B, L - 1, Cvae, generator=g, dtype=dtype), text)
+    return TokenBatch(torch.randint(0, V, (B, L), generator=g), torch.randn(B, L - 1, Cvae, generator=g, dtype=dtype),
+                      text, torch.randn(B, PATCH_NUMS[-1] ** 2, Cvae, generator=g, dtype=dtype))
 
 
 def test_penalty_gradient_is_softmax_analytic_form():
@@ -109,6 +110,31 @@ def test_centering_keeps_instance_gradient_and_frees_the_group_scalar():
     w = torch.softmax(torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64), 0)
     assert grads[False][1] == pytest.approx((w * l_B).sum().item()) and grads[False][1] > 0
     assert grads[True][1] == pytest.approx((w * (l_B - l_B.mean())).sum().item())
+
+
+def test_standardized_coefficients_are_batch_z_scores_and_scale_free():
+    """With bilevel.standardize the rater loss is Σ W_i·z_i, z the batch z-score of a_i: a step whose
+    coefficients are 1000× larger teaches the rater exactly as much; all-zero a (γ = 1) stays 0."""
+    def loss_and_grad(l_B, standardize=True):
+        s_B = torch.tensor([0.2, 0.5, 0.9, -0.3], dtype=torch.float64, requires_grad=True)
+        out = RaterOutput(s_B, torch.softmax(s_B, 0), torch.ones((), dtype=torch.float64))
+        est = Penalty()
+        est.standardize = standardize
+        loss = est.rater_loss(StepContext(None, None, None, out, l_B, None, None, None))
+        loss.backward()
+        return loss.item(), s_B.grad.clone()
+
+    l_B = torch.tensor([1.0, 2.0, 4.0, 7.0], dtype=torch.float64)
+    w = torch.softmax(torch.tensor([0.2, 0.5, 0.9, -0.3], dtype=torch.float64), 0)
+    z = (l_B - l_B.mean()) / l_B.std()
+    loss, grad = loss_and_grad(l_B)
+    assert loss == pytest.approx((w * z).sum().item(), rel=1e-12)
+    loss_big, grad_big = loss_and_grad(1000 * l_B + 3)
+    assert loss_big == pytest.approx(loss, rel=1e-9) and torch.allclose(grad_big, grad, rtol=1e-9)
+    assert not torch.allclose(loss_and_grad(1000 * l_B, standardize=False)[1], grad)
+    assert loss_and_grad(torch.zeros(4, dtype=torch.float64))[0] == 0.0
+    with pytest.raises(ConfigError, match="standardize needs"):
+        BilevelConfig(center=False, standardize=True)
 
 
 @pytest.mark.parametrize("opt_kind,wd,gamma", [("sgd", 0.0, 0.0), ("adamw", 0.05, 0.3), ("adam", 0.05, 0.6)])
@@ -264,8 +290,15 @@ def test_a_new_rule_is_one_registered_class():
         del ESTIMATORS["twice"]
 
 
-def test_resume_after_crash_gives_same_weights(tiny_setup, monkeypatch):
-    straight = _cfg(tiny_setup, "straight", ep=3)
+REPLAY = {"estimator": "lookahead", "standardize": True, "rater_replay": 2, "replay_size": 2}
+
+
+@pytest.mark.parametrize("extra", [{}, REPLAY], ids=["plain", "replay"])
+def test_resume_after_crash_gives_same_weights(tiny_setup, monkeypatch, extra):
+    """Exact resume, also with the rater's replay buffer (it is in the checkpoint: without it the
+    resumed run would draw other batches)."""
+    tag = "_replay" if extra else ""
+    straight = _cfg(tiny_setup, "straight" + tag, ep=3, **extra)
     train_rater(straight)
     from alchemist.bilevel import trainer as trainer_mod
 
@@ -277,7 +310,7 @@ def test_resume_after_crash_gives_same_weights(tiny_setup, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real_step(self, *a)
 
-    crashed = _cfg(tiny_setup, "crashed", ep=3)
+    crashed = _cfg(tiny_setup, "crashed" + tag, ep=3, **extra)
     monkeypatch.setattr(trainer_mod.BilevelTrainer, "train_step", crashing)
     with pytest.raises(KeyboardInterrupt):
         train_rater(crashed)
@@ -288,6 +321,8 @@ def test_resume_after_crash_gives_same_weights(tiny_setup, monkeypatch):
     assert a[2] == b[2] == 6
     for x, y in ((a[0], b[0]), (a[1], b[1])):
         assert all(torch.equal(x[k], y[k]) for k in x)
+    rater_steps = load_checkpoint(latest_checkpoint(crashed.output.run_dir))["opt_rater"]["state"][0]["step"]
+    assert rater_steps == 6 * (1 + extra.get("rater_replay", 0))  # each replay is one more rater step
 
 
 def test_nonfinite_losses_are_skipped_then_stop_with_checkpoint(tiny_setup, monkeypatch):

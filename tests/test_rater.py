@@ -4,6 +4,7 @@ import torch
 from alchemist.batch import TextFeatures, TokenBatch
 from alchemist.config import ModelConfig
 from alchemist.models.rater import Rater
+from alchemist.models.vqvae import VQVAE
 
 PATCH_NUMS = (1, 2, 3, 4)
 V, CVAE, D, L = 64, 8, 16, 30
@@ -13,7 +14,8 @@ def make_batch(B=4, T=6):
     lengths = torch.tensor([T - (i % 3) for i in range(B)])
     mask = torch.arange(T)[None, :] < lengths[:, None]
     text = TextFeatures(torch.randn(B, T, D) * mask[..., None], mask, torch.randn(B, D))
-    return TokenBatch(torch.randint(0, V, (B, L)), torch.randn(B, L - 1, CVAE), text)
+    return TokenBatch(torch.randint(0, V, (B, L)), torch.randn(B, L - 1, CVAE), text,
+                      torch.randn(B, PATCH_NUMS[-1] ** 2, CVAE))
 
 
 def tiny_rater(**kw):
@@ -40,8 +42,27 @@ def test_instance_logit_is_batch_independent():
     # padded to a longer caption length in another batch: same score
     longer = TextFeatures.cat([batch.text, TextFeatures(torch.randn(1, 9, D), torch.ones(1, 9, dtype=torch.bool),
                                                         torch.randn(1, D))]).index(slice(0, 4))
-    padded = rater(TokenBatch(batch.idx_BL, batch.x_BLC, longer)).logit_B
+    padded = rater(TokenBatch(batch.idx_BL, batch.x_BLC, longer, batch.final_BlC)).logit_B
     assert torch.allclose(full, padded, atol=1e-5)
+
+
+def test_only_the_full_image_rater_sees_the_last_scale():
+    """Two pairs that differ only in the last scale's codes have the same teacher-forcing input: the
+    official rater (full_image=False) must score them equally, the default must not."""
+    torch.manual_seed(1)
+    vq = VQVAE(vocab_size=V, z_channels=CVAE, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=PATCH_NUMS).eval()
+    idx_Bl = [torch.randint(0, V, (1, pn * pn)).repeat(2, 1) for pn in PATCH_NUMS]
+    idx_Bl[-1][1] = (idx_Bl[-1][1] + 1) % V  # second row: other finest codes, same coarse ones
+    x_BLC, final_BlC = vq.idxBl_to_inputs(idx_Bl)
+    text = TextFeatures(torch.randn(1, 5, D).repeat(2, 1, 1), torch.ones(2, 5, dtype=torch.bool),
+                        torch.randn(1, D).repeat(2, 1))
+    batch = TokenBatch(torch.cat(idx_Bl, 1), x_BLC, text, final_BlC)
+    assert torch.equal(x_BLC[0], x_BLC[1]) and not torch.equal(final_BlC[0], final_BlC[1])
+    official = tiny_rater(full_image=False)(batch).logit_B
+    full = tiny_rater()(batch).logit_B
+    assert official[0] == official[1]
+    assert (full[0] - full[1]).abs() > 1e-4
+    assert "final_embed" not in dict(tiny_rater(full_image=False).named_parameters())
 
 
 def test_weights_are_softmax_of_sigmoid_times_group_scalar():

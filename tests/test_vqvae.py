@@ -87,6 +87,17 @@ def test_var_input_is_fhat_accumulation_downsampled(golden, gmodel):
     torch.testing.assert_close(var_input_BLC, torch.cat(expected, 1), atol=1e-6, rtol=1e-6)
 
 
+def test_final_tokens_are_the_finished_fhat(golden, gmodel):
+    """The rater's extra input is the last f̂ of residual quantisation (what the decoder reads),
+    from the same pass that gives the golden teacher-forcing input."""
+    with torch.no_grad():
+        q = gmodel.quantize.residual_quantize(gmodel.img_to_f(golden["input_B3HW"]))
+        x_BLC, final_BlC = gmodel.idxBl_to_inputs(q.idx_Bl)
+    torch.testing.assert_close(x_BLC, golden["var_input_BLC"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(final_BlC, q.fhat_per_scale[-1].flatten(2).transpose(1, 2), atol=1e-6, rtol=1e-6)
+    assert final_BlC.shape == (4, gmodel.patch_nums[-1] ** 2, gmodel.Cvae)
+
+
 def test_generation_step_loop_matches_teacher_forcing_and_decode(golden, gmodel):
     idx_Bl = golden["idx_Bl"]
     B, C, pns = idx_Bl[0].shape[0], gmodel.Cvae, gmodel.patch_nums

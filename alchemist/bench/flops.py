@@ -74,7 +74,8 @@ def meta_batch(B: int, mcfg: ModelConfig, T: int, D: int) -> TokenBatch:
     L = mcfg.num_tokens
     with torch.device("meta"):
         return TokenBatch(torch.zeros(B, L, dtype=torch.long), torch.zeros(B, L - mcfg.patch_nums[0] ** 2, mcfg.Cvae),
-                          TextFeatures(torch.zeros(B, T, D), torch.ones(B, T, dtype=torch.bool), torch.zeros(B, D)))
+                          TextFeatures(torch.zeros(B, T, D), torch.ones(B, T, dtype=torch.bool), torch.zeros(B, D)),
+                          torch.zeros(B, mcfg.patch_nums[-1] ** 2, mcfg.Cvae))
 
 
 def component_flops(mcfg: ModelConfig, spec: TextSpec, text_len: int) -> dict[str, int]:

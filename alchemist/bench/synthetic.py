@@ -133,7 +133,7 @@ def featurize_in_chunks(featurize: Featurizer, raw: dict, chunk: int) -> TokenBa
     parts = [featurize({"img_B3HW": raw["img_B3HW"][i:i + chunk], "captions": raw["captions"][i:i + chunk]})
              for i in range(0, len(raw["captions"]), chunk)]
     return TokenBatch(torch.cat([p.idx_BL for p in parts]), torch.cat([p.x_BLC for p in parts]),
-                      TextFeatures.cat([p.text for p in parts]))
+                      TextFeatures.cat([p.text for p in parts]), torch.cat([p.final_BlC for p in parts]))
 
 
 def cache_batch(tb: TokenBatch) -> dict:

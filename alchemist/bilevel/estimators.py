@@ -63,6 +63,7 @@ class Estimator:
     # alchemist/bench reads it: {"proxy_fwd_bwd": n, "proxy_fwd": m}
     extra_passes: dict[str, int] = {}
     center = True
+    standardize = False
     entropy_reg = 0.0
 
     @classmethod
@@ -71,11 +72,21 @@ class Estimator:
         return cls()
 
     def rater_loss(self, ctx: StepContext) -> torch.Tensor:
-        a_B = self.coefficients(ctx)
+        return self.loss(ctx.rater_out.weight_B, self.targets(ctx))
+
+    def targets(self, ctx: StepContext) -> torch.Tensor:
+        """The rule's coefficients after centring / standardising: what the rater's loss weighs, and
+        what a replayed step reuses."""
+        a_B = self.coefficients(ctx).detach()
         if self.center:
             a_B = a_B - a_B.mean()
-        loss = (ctx.rater_out.weight_B * a_B).sum()
-        return loss - self.entropy_reg * weight_entropy(ctx.rater_out.weight_B)
+        if self.standardize and a_B.numel() > 1:
+            a_B = a_B / a_B.std().clamp_min(torch.finfo(a_B.dtype).tiny)
+        return a_B
+
+    def loss(self, weight_B: torch.Tensor, a_B: torch.Tensor) -> torch.Tensor:
+        """Σ_i W_i·a_i − entropy_reg·entropy(W): its gradient in µ is the rule's estimate of ∂L_val/∂µ."""
+        return (weight_B * a_B).sum() - self.entropy_reg * weight_entropy(weight_B)
 
     def coefficients(self, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
@@ -262,6 +273,6 @@ def build_estimator(cfg: BilevelConfig, proxy: nn.Module,
                     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], grad_clip: float) -> Estimator:
     """The rule ``cfg.estimator`` names, with the options every rule shares (centring, entropy)."""
     est = estimator_class(cfg.estimator).from_config(cfg, proxy, make_optimizer, grad_clip)
-    est.center = cfg.center
+    est.center, est.standardize = cfg.center, cfg.standardize
     est.entropy_reg = cfg.entropy_reg
     return est

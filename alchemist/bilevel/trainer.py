@@ -11,6 +11,7 @@ from torch import nn
 
 from alchemist.batch import TokenBatch
 from alchemist.bilevel.estimators import Estimator, StepContext, build_estimator, weight_entropy
+from alchemist.bilevel.replay import ReplayBuffer
 from alchemist.config import RaterConfig
 from alchemist.data.sampler import Stream
 from alchemist.loop import TrainLoop
@@ -37,6 +38,7 @@ class BilevelTrainer(TrainLoop):
         self.estimator: Estimator = build_estimator(cfg.bilevel, proxy, lambda m: make_opt(m, o.tlr, o.twd),
                                                     o.grad_clip)
         self.scalers = [self.new_scaler(), self.new_scaler()]
+        self.replay = ReplayBuffer(cfg.bilevel.replay_size)
         self._train_iter = None
 
     def epoch_batches(self) -> Iterator[tuple]:
@@ -78,10 +80,18 @@ class BilevelTrainer(TrainLoop):
         ctx = StepContext(self.proxy, train, val, rater_out, train_loss_B.detach().float(), weight_B,
                           theta_before, self.autocast, gamma, 1.0 / train.B if cfg.bilevel.official_scale else 1.0,
                           self.opt_proxy, grads)
-        rater_loss = self.estimator.rater_loss(ctx)
+        a_B = self.estimator.targets(ctx)
+        rater_loss = self.estimator.loss(rater_out.weight_B, a_B)
         if not torch.isfinite(rater_loss):
             return None
         rater_gnorm = self.optimizer_step(self.rater, self.opt_rater, rater_loss, self.scalers[1])
+        if cfg.bilevel.rater_replay:
+            self.replay.add(train, a_B)
+            for _ in range(cfg.bilevel.rater_replay):
+                batch, a_old = self.replay.sample()
+                with self.autocast():
+                    weight_B = self.rater(batch).weight_B
+                self.optimizer_step(self.rater, self.opt_rater, self.estimator.loss(weight_B, a_old), self.scalers[1])
 
         w = rater_out.weight_B.detach().float()
         per_scale = self.proxy.per_scale_loss(val_loss_BL.detach().float())
@@ -122,7 +132,7 @@ class BilevelTrainer(TrainLoop):
                 "proxy": self.proxy.state_dict(), "rater": self.rater.state_dict(),
                 "opt_proxy": None if self.opt_proxy is None else self.opt_proxy.state_dict(),
                 "opt_rater": self.opt_rater.state_dict(), "scalers": [s.state_dict() for s in self.scalers],
-                "estimator": self.estimator.state_dict()}
+                "estimator": self.estimator.state_dict(), "replay": self.replay.state_dict()}
 
     def load_extra_state(self, ckpt: dict[str, Any]) -> None:
         self.proxy.load_state_dict(ckpt["proxy"])
@@ -133,5 +143,6 @@ class BilevelTrainer(TrainLoop):
         for s, st in zip(self.scalers, ckpt["scalers"]):
             s.load_state_dict(st)
         self.estimator.load_state_dict(ckpt["estimator"])
+        self.replay.load_state_dict(ckpt.get("replay", []), self.device)
         self.val.epoch, self.val.used = ckpt["val_pos"]
         self.train.epoch, self.train.used = ckpt["train_pos"]

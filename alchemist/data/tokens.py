@@ -30,5 +30,5 @@ class Featurizer:
             text = self.text_encoder(raw["captions"]).to(self.device)
         if idx_BL.shape[0] == 0:
             return None
-        x_BLC = self.vqvae.idxBl_to_var_input(list(idx_BL.split(self.scale_sizes, dim=1)))
-        return TokenBatch(idx_BL, x_BLC, text)
+        x_BLC, final_BlC = self.vqvae.idxBl_to_inputs(list(idx_BL.split(self.scale_sizes, dim=1)))
+        return TokenBatch(idx_BL, x_BLC, text, final_BlC)

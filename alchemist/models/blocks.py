@@ -258,9 +258,11 @@ class ScaleTransformer(nn.Module):
     # -- trunk
     def features(self, x_BLC: Tensor, text: TextFeatures) -> Tensor:
         """(B, L, C) last-block states (before any final norm)."""
-        h_BLC = self.embed(x_BLC, text.pooled_BD)
+        return self.trunk(self.embed(x_BLC, text.pooled_BD), text, self.rope_cos, self.rope_sin)
+
+    def trunk(self, h_BLC: Tensor, text: TextFeatures, cos_Ld: Tensor, sin_Ld: Tensor) -> Tensor:
+        """The block stack over already-embedded tokens with their rotary angles."""
         text_mask = text_attn_mask(text.mask_BT)
         for b in self.blocks:
-            h_BLC = b(h_BLC, self.rope_cos, self.rope_sin, self.attn_mask_LL,
-                      b.cross.text_kv(text.hidden_BTD), text_mask)
+            h_BLC = b(h_BLC, cos_Ld, sin_Ld, self.attn_mask_LL, b.cross.text_kv(text.hidden_BTD), text_mask)
         return h_BLC

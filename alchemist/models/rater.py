@@ -1,10 +1,14 @@
 """The rater: the proxy's block design at ``raterDepth``, pooled into one score per pair.
 
 Input = the proxy's teacher-forcing input (start token from the pooled caption, f̂ features of
-scales 2..K, cross-attention to the caption). Attention is bidirectional: the rater judges a
-finished pair, nothing is predicted, so there is nothing to hide, and every token (the coarse ones
-included) sees the finest features before the mean-pool; it also lets GPU runs use the flash
-kernel (no mask).
+scales 2..K, cross-attention to the caption) and, with ``full_image`` (the default), the finished f̂
+as pn_K² more tokens. The official rater reads the teacher-forcing input alone, which ends one scale
+short of the image: the last scale's codes, where noise, blur and fine detail live, never reach it
+(on the 4-scale demo they are 64 of 85 tokens). The extra tokens share the scale inputs' projection,
+have a level embedding of their own and the last scale's rotary positions. Attention is
+bidirectional: the rater judges a finished pair, nothing is predicted, so there is nothing to hide,
+and every token sees every other before the mean-pool; it also lets GPU runs use the flash kernel
+(no mask).
 
 Two heads (paper §3.3):
 - instance head → ``logit_B``, a function of that sample alone: the score used for ranking;
@@ -38,22 +42,38 @@ def score_mlp(in_dim: int) -> nn.Sequential:
 class Rater(ScaleTransformer):
     def __init__(self, depth: int, Cvae: int, patch_nums: Sequence[int], text_dim: int, group_head: bool = True,
                  double_softmax: bool = False, drop_path_rate: float = 0.0, rope_norm: float = 64.0,
-                 rope_theta: float = 1e4, mlp_ratio: float = 4.0):
+                 rope_theta: float = 1e4, mlp_ratio: float = 4.0, full_image: bool = True):
         super().__init__(depth, Cvae, patch_nums, text_dim, causal=False, drop_path_rate=drop_path_rate,
                          rope_norm=rope_norm, rope_theta=rope_theta, mlp_ratio=mlp_ratio)
-        self.double_softmax = double_softmax
+        self.double_softmax, self.full_image = double_softmax, full_image
         self.instance_head = score_mlp(self.C)
         self.group_head = score_mlp(2 * self.C) if group_head else None
+        if full_image:
+            self.final_embed = nn.Parameter(torch.zeros(1, 1, self.C))
+            begin = self.begin_ends[-1][0]
+            self.register_buffer("rope_cos_full", torch.cat([self.rope_cos, self.rope_cos[begin:]]), persistent=False)
+            self.register_buffer("rope_sin_full", torch.cat([self.rope_sin, self.rope_sin[begin:]]), persistent=False)
         self.init_weights()
+        if full_image:
+            nn.init.trunc_normal_(self.final_embed, std=(1 / self.C / 3) ** 0.5)
 
     @classmethod
     def from_config(cls, mcfg: ModelConfig, text_dim: int, double_softmax: bool = False) -> Rater:
         return cls(mcfg.raterDepth, mcfg.Cvae, mcfg.patch_nums, text_dim, group_head=mcfg.group_head,
-                   double_softmax=double_softmax, rope_norm=mcfg.rope_norm, rope_theta=mcfg.rope_theta)
+                   double_softmax=double_softmax, rope_norm=mcfg.rope_norm, rope_theta=mcfg.rope_theta,
+                   full_image=mcfg.rater_full_image)
 
     def pooled(self, batch: TokenBatch) -> Tensor:
         """(B, C) mean over all tokens of the final-normalised states."""
-        return layer_norm(self.features(batch.x_BLC, batch.text)).mean(dim=1).float()
+        if not self.full_image:
+            return layer_norm(self.features(batch.x_BLC, batch.text)).mean(dim=1).float()
+        if batch.final_BlC is None:
+            raise ValueError("the rater reads the finished image (model.rater_full_image) but the batch has no "
+                             "final_BlC; build batches with alchemist.data.tokens.Featurizer")
+        h_BLC = torch.cat([self.embed(batch.x_BLC, batch.text.pooled_BD),
+                           self.word_embed(batch.final_BlC) + self.final_embed], dim=1)
+        h_BLC = self.trunk(h_BLC, batch.text, self.rope_cos_full, self.rope_sin_full)
+        return layer_norm(h_BLC).mean(dim=1).float()
 
     def forward(self, batch: TokenBatch) -> RaterOutput:
         p_BC = self.pooled(batch)

@@ -121,11 +121,17 @@ class ResidualQuantizer(nn.Module):
 
     def idxBl_to_var_input(self, idx_Bl: Sequence[torch.Tensor]) -> torch.Tensor:
         """f̂ after scale si, area-downsampled to scale si+1, for si < K−1; concatenated → (B, L−pn₀², C)."""
+        return self.idxBl_to_inputs(idx_Bl)[0]
+
+    def idxBl_to_inputs(self, idx_Bl: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher-forcing input (``idxBl_to_var_input``) and, from the same pass, the finished f̂
+        as pn_K² tokens (B, pn_K², C): the only place the last scale's codes appear."""
         f_hat, next_BlC = 0, []
-        for si in range(len(self.patch_nums) - 1):
+        for si in range(len(self.patch_nums)):
             f_hat = f_hat + self._h_full(self.idx_to_h(idx_Bl[si], si), si)
-            next_BlC.append(self._down(f_hat, si + 1).flatten(2).transpose(1, 2))
-        return torch.cat(next_BlC, dim=1)
+            if si < len(self.patch_nums) - 1:
+                next_BlC.append(self._down(f_hat, si + 1).flatten(2).transpose(1, 2))
+        return torch.cat(next_BlC, dim=1), f_hat.flatten(2).transpose(1, 2)
 
     def get_next_autoregressive_input(self, si: int, f_hat_BChw: torch.Tensor | None,
                                       h_BChw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +222,11 @@ class VQVAE(nn.Module):
     def idxBl_to_var_input(self, idx_Bl: Sequence[torch.Tensor]) -> torch.Tensor:
         """Teacher-forcing input of scales 2..K, (B, L − patch_nums[0]², Cvae)."""
         return self.quantize.idxBl_to_var_input(idx_Bl)
+
+    @torch.no_grad()
+    def idxBl_to_inputs(self, idx_Bl: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher-forcing input, finished f̂ as pn_K² tokens): what the proxy and the rater read."""
+        return self.quantize.idxBl_to_inputs(idx_Bl)
 
     @torch.no_grad()
     def idxBl_to_img(self, idx_Bl: Sequence[torch.Tensor]) -> torch.Tensor:
