@@ -7,8 +7,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 from alchemist.config import DataConfig
-from alchemist.data.pairs import (DataError, drops_caption, PairsDataset, SkipLog, collate_pairs, load_pairs,
-                                  preprocess_image)
+from alchemist.data.pairs import (BACKGROUND, DataError, PairsDataset, SkipLog, collate_pairs, drops_caption,
+                                  load_image, load_pairs, preprocess_image, to_rgb)
 
 CFG = DataConfig(image_size=16, caption_dropout=0.0, num_workers=0)
 
@@ -197,3 +197,121 @@ def test_workers_and_distributed_sharding(tmp_path):
         got = [c for batch in loader for c in batch["captions"]]
         assert got == [ds[i]["caption"] for i in range(len(ds))]
     assert 0 < sum(c == "" for c in got) < 24
+
+
+# ----------------------------------------------------------------------------- odd image modes vs numpy references
+def _decoded(path, side):
+    """load_image at the image's own (square) side, back to HxWx3 uint8: crop and resize are then identities."""
+    x_3HW = load_image(str(path), side)
+    return ((x_3HW + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+def _grey3(a_HW):
+    return np.repeat(a_HW[..., None], 3, axis=2)
+
+
+def _over_white(rgb_HW3, alpha_HW):
+    """Reference alpha compositing over the documented white background, in float64."""
+    a = alpha_HW[..., None].astype(np.float64) / 255
+    return np.round(rgb_HW3.astype(np.float64) * a + 255 * (1 - a)).astype(np.uint8)
+
+
+RNG = np.random.default_rng(7)
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    a16 = RNG.integers(0, 65536, (12, 12), dtype=np.uint16)
+    a16[0, :3] = (0, 65535, 32768)
+    Image.fromarray(a16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    ref = _grey3(np.round(a16 / 257.0).astype(np.uint8))  # 65535 -> 255
+    got = _decoded(tmp_path / "g16.png", 12)
+    np.testing.assert_array_equal(got, ref)
+    assert got.mean() < 200  # PIL's own conversion clipped nearly every pixel to 255
+    assert tuple(got[0, :3, 0]) == (0, 255, 128)
+    # a 32-bit "I" image holding 16-bit values (how some readers give 16-bit grey)
+    as_i = to_rgb(Image.fromarray(a16.astype(np.int32), "I"))
+    np.testing.assert_array_equal(np.asarray(as_i), ref)
+
+
+@pytest.mark.parametrize("orientation,undo", [(2, lambda a: a[:, ::-1]), (3, lambda a: a[::-1, ::-1]),
+                                              (6, lambda a: np.rot90(a, k=-1)), (8, lambda a: np.rot90(a, k=1))])
+def test_exif_orientation_is_applied(tmp_path, orientation, undo):
+    """A 12 wide x 8 high image stored sideways; the decode must show it upright (then centre-cropped)."""
+    stored = RNG.integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "o.png", exif=exif)
+    upright = undo(stored)
+    h, w = upright.shape[:2]
+    side = min(h, w)
+    ref = upright[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    np.testing.assert_array_equal(_decoded(tmp_path / "o.png", side), ref)
+
+
+def test_exif_orientation_of_a_jpeg(tmp_path):
+    stored = RNG.integers(0, 256, (8, 16, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "o.jpg", quality=95, exif=exif)
+    with Image.open(tmp_path / "o.jpg") as raw:  # the stored pixels as the JPEG decoder gives them
+        raw_HW3 = np.asarray(raw.convert("RGB"))
+    upright = np.rot90(raw_HW3, k=-1)  # 8 wide x 16 high
+    np.testing.assert_array_equal(_decoded(tmp_path / "o.jpg", 8), upright[4:12])
+
+
+def test_alpha_is_composited_over_white(tmp_path):
+    rgb = RNG.integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    alpha = RNG.integers(0, 256, (10, 10), dtype=np.uint8)
+    alpha[0, 0], alpha[0, 1] = 0, 255
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    got = _decoded(tmp_path / "rgba.png", 10)
+    np.testing.assert_array_equal(got, _over_white(rgb, alpha))
+    assert tuple(got[0, 0]) == (255, 255, 255) and tuple(got[0, 1]) == tuple(rgb[0, 1])
+    assert BACKGROUND == (255, 255, 255)
+
+    grey = RNG.integers(0, 256, (10, 10), dtype=np.uint8)
+    Image.fromarray(np.dstack([grey, alpha]), "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(_decoded(tmp_path / "la.png", 10), _over_white(_grey3(grey), alpha))
+
+
+def test_palette_with_and_without_transparency(tmp_path):
+    palette = RNG.integers(0, 256, (4, 3), dtype=np.uint8)
+    idx = RNG.integers(0, 4, (10, 10), dtype=np.uint8)
+    idx[0, 0] = 2
+    img = Image.fromarray(idx, "P")
+    img.putpalette(palette.reshape(-1).tolist())
+    img.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(_decoded(tmp_path / "p.png", 10), palette[idx])
+    img.save(tmp_path / "pt.png", transparency=2)  # palette entry 2 is fully transparent
+    ref = np.where((idx == 2)[..., None], np.uint8(255), palette[idx])
+    got = _decoded(tmp_path / "pt.png", 10)
+    np.testing.assert_array_equal(got, ref)
+    assert tuple(got[0, 0]) == (255, 255, 255)
+
+
+def test_grey_one_bit_and_cmyk(tmp_path):
+    grey = RNG.integers(0, 256, (10, 10), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "l.png")
+    np.testing.assert_array_equal(_decoded(tmp_path / "l.png", 10), _grey3(grey))
+    bits = RNG.integers(0, 2, (10, 10)).astype(bool)
+    Image.fromarray(bits).save(tmp_path / "b.png")
+    np.testing.assert_array_equal(_decoded(tmp_path / "b.png", 10), _grey3(bits.astype(np.uint8) * 255))
+    cmyk = RNG.integers(0, 256, (10, 10, 4), dtype=np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "c.tif")
+    k = cmyk[..., 3:].astype(np.float64)
+    ref = np.round((255 - cmyk[..., :3].astype(np.float64)) * (255 - k) / 255).astype(np.uint8)
+    np.testing.assert_array_equal(_decoded(tmp_path / "c.tif", 10), ref)
+
+
+def test_a_directory_is_not_a_file_and_a_missing_path_is_missing(tmp_path):
+    _save(tmp_path / "ok.png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    pd.DataFrame({"id": ["ok", "dir", "gone", "link", "nopath"],
+                  "image_path": ["ok.png", "folder.png", "gone.png", "dangling.png", ""],
+                  "caption": ["c"] * 5}).to_csv(tmp_path / "t.csv", index=False)
+    skips = SkipLog()
+    assert load_pairs(tmp_path / "t.csv", CFG, skips)["id"].tolist() == ["ok"]
+    assert skips.items == [("dir", "not a file"), ("gone", "missing file"), ("link", "missing file"),
+                           ("nopath", "missing file")]
