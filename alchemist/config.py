@@ -41,6 +41,10 @@ class DataConfig:
     caption_dropout: float = 0.1  # CFG training; always 0 at scoring time
     num_workers: int = 4
     cache_dir: str = ""  # feature cache written by scripts/precompute.py; "" = raw images
+    # pre-pass: every image is opened once when the table is read, so bad rows are skipped and listed
+    # (skipped.csv) before the first step; false skips it (very large tables): bad images then show up
+    # when first decoded
+    check_images: bool = True
 
     def __post_init__(self):
         _check(self.image_size > 0, "data.image_size must be positive")

@@ -8,9 +8,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from alchemist.config import DataConfig
 from alchemist.data.pairs import (BACKGROUND, DataError, PairsDataset, SkipLog, collate_pairs, drops_caption,
-                                  load_image, load_pairs, preprocess_image, to_rgb)
+                                  check_images, load_image, load_pairs, preprocess_image, to_rgb)
 
 CFG = DataConfig(image_size=16, caption_dropout=0.0, num_workers=0)
+NO_CHECK = DataConfig(image_size=16, caption_dropout=0.0, num_workers=0, check_images=False)
 
 
 def _save(path, colour=(200, 30, 30), size=(20, 20), fmt=None):
@@ -46,9 +47,9 @@ def table_dir(tmp_path):
 
 def test_load_pairs_keeps_good_rows_and_records_skips(table_dir, tmp_path):
     skips = SkipLog()
-    df = load_pairs(table_dir / "pairs.csv", CFG, skips)
+    df = load_pairs(table_dir / "pairs.csv", NO_CHECK, skips)
     assert list(df.columns) == ["id", "image_path", "caption", "score"]
-    assert df["id"].tolist() == ["a", "b", "c"]  # the truncated one is only found at decode time
+    assert df["id"].tolist() == ["a", "b", "c"]  # without the pre-pass the truncated one is found at decode time
     assert df["image_path"].tolist() == [str((table_dir / "imgs" / n).resolve()) for n in ("a.png", "b.png", "c.jpg")]
     assert df["score"].tolist() == [1.5, 2.5, 3.5]
     assert skips.items == [("d", "missing file"), ("e", "empty caption")]
@@ -58,19 +59,52 @@ def test_load_pairs_keeps_good_rows_and_records_skips(table_dir, tmp_path):
     assert out.read_text() == "id,reason\nd,missing file\ne,empty caption\n"
 
 
+def test_the_pre_pass_lists_unreadable_images_when_the_table_is_read(table_dir):
+    """data.check_images (the default): the truncated JPEG is skipped before any batch, with the
+    reason decoding it gives."""
+    skips = SkipLog()
+    assert load_pairs(table_dir / "pairs.csv", CFG, skips)["id"].tolist() == ["a", "b"]
+    assert [i for i, _ in skips.items] == ["c", "d", "e"]
+    reason = dict(skips.items)["c"]
+    assert reason.startswith("unreadable image: OSError: image file is truncated")
+    decoded = PairsDataset(load_pairs(table_dir / "pairs.csv", NO_CHECK), 16)[2]["error"]
+    assert decoded.split(" (")[0] == reason.split(" (")[0]  # the byte count may differ
+
+
+def test_image_check_catches_each_bad_kind_in_order_on_threads(tmp_path):
+    _save(tmp_path / "ok.png")
+    _truncated_jpeg(tmp_path / "cut.jpg")
+    Image.fromarray(RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    png = (tmp_path / "noise.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    (tmp_path / "flip.png").write_bytes(png[:20] + bytes([png[20] ^ 0xFF]) + png[21:])  # IHDR CRC no longer matches
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "dir.png").mkdir()
+    names = ["ok.png", "cut.jpg", "cut.png", "flip.png", "text.png", "empty.png", "dir.png", "gone.png"]
+    paths = [str(tmp_path / n) for n in names]
+    got = check_images(paths)
+    assert got[0] == "" and got[6:] == ["not a file", "missing file"]
+    assert all(r.startswith("unreadable image: ") for r in got[1:6]), got
+    for p, r in zip(paths[1:6], got[1:6]):  # each really fails to decode
+        with pytest.raises(Exception):
+            load_image(p, 8)
+    assert check_images(paths * 40, workers=3, chunk=7) == got * 40
+
+
 def test_csv_text_that_reads_like_a_missing_value_is_kept(table_dir, tmp_path):
     """An id or caption "NA", "None" or "null" is text, not a missing value (an empty caption still is)."""
     src = pd.read_csv(table_dir / "pairs.csv", keep_default_na=False)
     src = src.assign(id=["NA", "None", "c", "d", "e"], caption=["NA", "null", "broken", "missing", ""])
     src.to_csv(table_dir / "na.csv", index=False)
     skips = SkipLog()
-    df = load_pairs(table_dir / "na.csv", CFG, skips)
+    df = load_pairs(table_dir / "na.csv", NO_CHECK, skips)
     assert df["id"].tolist() == ["NA", "None", "c"] and df["caption"].tolist() == ["NA", "null", "broken"]
     assert skips.items == [("d", "missing file"), ("e", "empty caption")]
 
 
 def test_dataset_reports_truncated_image_instead_of_raising(table_dir):
-    ds = PairsDataset(load_pairs(table_dir / "pairs.csv", CFG), image_size=16)
+    ds = PairsDataset(load_pairs(table_dir / "pairs.csv", NO_CHECK), image_size=16)
     bad = ds[2]
     assert bad["img_3HW"] is None and bad["error"].startswith("unreadable image: ")
     assert "truncated" in bad["error"]
@@ -107,7 +141,7 @@ def test_duplicate_ids_are_rejected_and_missing_ids_generated(table_dir, tmp_pat
     with pytest.raises(DataError, match="id 'a' appears 2 times"):
         load_pairs(tmp_path / "dup.csv", CFG)
     df.drop(columns=["id"]).to_csv(table_dir / "noid.csv", index=False)
-    assert load_pairs(table_dir / "noid.csv", CFG)["id"].tolist() == ["row00000000", "row00000001", "row00000002"]
+    assert load_pairs(table_dir / "noid.csv", NO_CHECK)["id"].tolist() == ["row00000000", "row00000001", "row00000002"]
 
 
 def test_parquet_gives_the_same_table_as_csv(table_dir):

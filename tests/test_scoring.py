@@ -42,7 +42,8 @@ def setup(tmp_path_factory):
     torch.save({"state_dict": VQVAE(**kw).state_dict(), "config": kw}, root / "tok.pt")
     over = {"image_size": 16, "num_workers": 0, "patch_size": 4, "patch_nums": "1,2,4", "vocab_size": 32, "Cvae": 8,
             "vae_ch": 32, "vae_ch_mult": "1,2,2", "ckpt_path": str(root), "vae_ckpt": "tok.pt", "text_enc_path": "",
-            "text_max_len": 16, "depth": 1, "raterDepth": 1, "fp16": 0, "train_csv_path": "/elsewhere/train.csv"}
+            "text_max_len": 16, "depth": 1, "raterDepth": 1, "fp16": 0, "train_csv_path": "/elsewhere/train.csv",
+            "check_images": False}  # no pre-pass: the unreadable image is found, and reported, by the scoring pass
     cfg = load_config(RaterConfig, ROOT / "configs/config_rater.json", over)
     text = build_text_encoder(cfg.model, CPU)
     rater = build_rater(cfg.model, text.width, CPU)
