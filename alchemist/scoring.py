@@ -37,7 +37,7 @@ from alchemist.models.rater import Rater
 from alchemist.ratings import table_format, write_ratings
 from alchemist.utils.checkpoint import latest_checkpoint
 from alchemist.utils.dist import state as dist_state
-from alchemist.utils.io import atomic_open
+from alchemist.utils.io import atomic_open, remove_stale_temps
 
 OFFICIAL_BATCH = 256  # the official scoring script's batch size: official_score depends on it
 DEFAULT_SHARD_ROWS = 16384  # a multiple of OFFICIAL_BATCH; about a minute of one GPU's work
@@ -207,7 +207,11 @@ def score_table(table: pd.DataFrame, out_path: str | os.PathLike, rater: Rater, 
     out_path = Path(out_path)
     table_format(out_path)
     root = shards_dir(out_path)
+    if rank == 0:  # what killed writes of an earlier run left
+        remove_stale_temps(root)
+        remove_stale_temps(out_path.parent, [out_path.name, skipped_path(out_path).name])
     _claim(root, _fingerprint(table, rater, shard_rows), rank)
+    _barrier()  # the shard folder is claimed and clean before any rank writes to it
     device = featurizer.device
     rater.eval()
 

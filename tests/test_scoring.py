@@ -190,3 +190,17 @@ def test_cli_user_errors_are_one_line_exit_2(setup, tmp_path, capsys):
         assert infer_rater.main(base + argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and msg in err and "\n" not in err
+
+
+def test_a_rerun_removes_the_temp_files_of_killed_writes(setup, tmp_path):
+    out = tmp_path / "ratings.parquet"
+    shards = shards_dir(out)
+    shards.mkdir()
+    stale = [shards / ".shard_00001.parquet.k3j9x0q_.tmp", tmp_path / ".ratings.parquet.0123abcd.tmp",
+             tmp_path / ".ratings.skipped.csv.zzzzzzzz.tmp"]
+    other = tmp_path / ".notes.txt.0123abcd.tmp"  # not this job's: left alone
+    for p in stale + [other]:
+        p.write_bytes(b"half")
+    _score(setup, out)
+    assert not any(p.exists() for p in stale) and other.exists()
+    assert not list(shards.glob("*.tmp"))

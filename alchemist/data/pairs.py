@@ -162,6 +162,12 @@ class SkipLog:
     def count(self) -> int:
         return len(self.items)
 
+    def read(self, path: str | os.PathLike) -> SkipLog:
+        """Add the rows of an earlier ``skipped.csv`` (a resumed run keeps what it had listed)."""
+        with open(path, newline="") as f:
+            self.extend((row["id"], row["reason"]) for row in csv.DictReader(f))
+        return self
+
     def write(self, path: str | os.PathLike) -> Path:
         """CSV with columns ``id,reason`` (header only when nothing was skipped), atomically."""
         with atomic_open(path) as f:

@@ -57,6 +57,9 @@ class T2ITrainer(TrainLoop):
     def end_of_epoch(self) -> dict[str, float]:
         return self.evaluate()
 
+    def final_summary(self) -> dict[str, Any]:
+        return {"train_rows": self.train.sampler.n}
+
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.opt]
 
@@ -90,6 +93,4 @@ def train_t2i(cfg: T2IConfig) -> dict[str, Any]:
         return {"heldout_loss": heldout_token_loss(proxy, featurize, val.make_loader(val.sampler))}
 
     trainer = T2ITrainer(cfg, proxy, featurize, train, evaluate, rt.device, rt.is_main, skip_log.extend)
-    summary = trainer.run(skip_log, rt.rank, rt.world)
-    summary["train_rows"] = len(train_table)
-    return summary
+    return trainer.run(skip_log, rt.rank, rt.world)

@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from alchemist.utils.io import atomic_open
+
 
 class MetricsLogger:
     """``cfg``: the config's logging section (``wandb``, ``wandb_project``); ``run_config``: the run's
@@ -42,3 +44,32 @@ class MetricsLogger:
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def trim_metrics(path: str | os.PathLike, upto: tuple[int, int] | None) -> int:
+    """Make a run's metrics file what the run has logged up to its checkpoint, before a resumed run
+    appends to it: keep the records at (step, epoch) <= ``upto`` (the checkpoint's; None keeps
+    nothing: a fresh start), once each, and drop a line torn by a kill. Records are logged in
+    increasing (step, epoch) order (an epoch-end record has the new epoch), so that order is the
+    checkpoint's cut. Returns how many records were dropped.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, seen, dropped = [], set(), 0
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            key = (int(rec["step"]), int(rec["epoch"]))
+        except (ValueError, KeyError, TypeError):  # a torn last line, or not a record
+            dropped += bool(line.strip())
+            continue
+        if upto is None or key > tuple(upto) or key in seen:
+            dropped += 1
+            continue
+        seen.add(key)
+        kept.append(line)
+    if dropped:
+        with atomic_open(path) as f:
+            f.write("".join(line + "\n" for line in kept))
+    return dropped
