@@ -31,6 +31,9 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+LOAD = object()  # TrainLoop.run's default: load the checkpoint output.resume names
+
+
 class TrainLoop:
     desc = "train"
 
@@ -112,8 +115,11 @@ class TrainLoop:
         return {}
 
     # -------------------------------------------------------------- the loop
-    def run(self, skip_log, rank: int = 0, world: int = 1) -> dict[str, Any]:
+    def run(self, skip_log, rank: int = 0, world: int = 1, resumed: Any = LOAD) -> dict[str, Any]:
         """Resume (``output.resume``), bring the run's records to the checkpoint, fit, summarise.
+
+        ``resumed``: what ``runtime.resume_checkpoint`` returned, when the caller loaded it before
+        the data and models (a bad checkpoint then fails first); by default it is loaded here.
 
         Records: stale temp files of killed writes are removed; metrics.jsonl is cut to the
         checkpoint's step (``trim_metrics``); the bad rows ``skip_log`` (a ``SkipLog``) holds, and
@@ -129,7 +135,8 @@ class TrainLoop:
                 remove_stale_temps(folder)
         if is_dist():
             torch.distributed.barrier()  # no rank writes before the stale temp files are gone
-        resumed = resume_checkpoint(self.cfg.output)
+        if resumed is LOAD:
+            resumed = resume_checkpoint(self.cfg.output)
         if resumed is not None:
             self.load_state_dict(resumed[1])
             if self.skip_path.is_file():

@@ -79,7 +79,7 @@ def test_load_rater_from_run_dir_or_file_and_clear_errors(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         load_rater(tmp_path, CPU)
     (tmp_path / "junk.pt").write_text("hello")
-    with pytest.raises(ValueError, match="could not read"):
+    with pytest.raises(ValueError, match="not a readable rater checkpoint"):
         load_rater(tmp_path / "junk.pt", CPU)
 
 

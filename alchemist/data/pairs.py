@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageOps
 
 from alchemist.config import DataConfig
+from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_open
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ SKIP_NOT_A_FILE = "not a file"  # a directory or another non-regular path
 SKIP_UNREADABLE = "unreadable image"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A user-fixable problem with the data; the message names the thing and the fix."""
 
 

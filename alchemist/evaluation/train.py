@@ -15,8 +15,10 @@ from alchemist.data.sampler import Stream
 from alchemist.data.tokens import Featurizer
 from alchemist.evaluation.metrics import heldout_token_loss
 from alchemist.loop import TrainLoop
-from alchemist.runtime import make_stream, setup_runtime
+from alchemist.runtime import make_stream, resume_checkpoint, setup_runtime
 from alchemist.utils.dist import broadcast_params
+from alchemist.utils.io import check_writable
+from alchemist.utils.metrics import check_wandb
 from alchemist.utils.optim import build_optimizer, set_lr
 
 
@@ -76,6 +78,9 @@ class T2ITrainer(TrainLoop):
 
 def train_t2i(cfg: T2IConfig) -> dict[str, Any]:
     """Train the downstream model on ``data.train_csv_path``; evaluate on ``data.val_csv_path``."""
+    check_wandb(cfg.logging)  # a missing wandb key or a read-only output fails before any data is read
+    check_writable(cfg.output.run_dir)
+    resumed = resume_checkpoint(cfg.output)  # a bad or damaged checkpoint fails now too
     rt = setup_runtime(cfg.optim.bs, cfg.seed)
     skip_log = SkipLog()
     train_table = load_pairs(cfg.data.train_csv_path, cfg.data, skip_log)
@@ -93,4 +98,4 @@ def train_t2i(cfg: T2IConfig) -> dict[str, Any]:
         return {"heldout_loss": heldout_token_loss(proxy, featurize, val.make_loader(val.sampler))}
 
     trainer = T2ITrainer(cfg, proxy, featurize, train, evaluate, rt.device, rt.is_main, skip_log.extend)
-    return trainer.run(skip_log, rt.rank, rt.world)
+    return trainer.run(skip_log, rt.rank, rt.world, resumed)

@@ -13,6 +13,8 @@ import secrets
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator
 
+from alchemist.utils.errors import UserError
+
 _TEMP = re.compile(r"^\.(?P<name>.+)\.[0-9a-z_]{8}\.tmp$")
 
 
@@ -42,6 +44,21 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def check_writable(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and check that a file can be made in it, so that a read-only or
+    full output location fails when a command starts, not after its work; a UserError if not."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-check.{secrets.token_hex(4)}.tmp"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {str(folder)!r} ({e.strerror or type(e).__name__}); make it writable "
+                        "or choose another output location") from None
+    return folder
 
 
 def remove_stale_temps(folder: str | os.PathLike, names: Iterable[str] | None = None) -> list[Path]:

@@ -2,11 +2,30 @@
 from __future__ import annotations
 
 import json
+import netrc
 import os
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_open
+
+
+def check_wandb(cfg: Any) -> None:
+    """``logging.wandb=online`` needs a W&B API key (WANDB_API_KEY, or the netrc entry ``wandb login``
+    writes); without one ``wandb.init`` fails, or waits for a login, once the data and models are
+    loaded. Checked when a run starts, before any data is read."""
+    if cfg.wandb != "online" or os.environ.get("WANDB_API_KEY"):
+        return
+    host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        if netrc.netrc(os.environ.get("NETRC")).authenticators(host or "api.wandb.ai"):
+            return
+    except (OSError, netrc.NetrcParseError):  # no netrc file, or one wandb could not read either
+        pass
+    raise UserError("logging.wandb=online needs a W&B API key: set WANDB_API_KEY or run `wandb login`, "
+                    "or log with --wandb=offline (synced later) or --wandb=disabled")
 
 
 class MetricsLogger:
@@ -20,6 +39,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        check_wandb(cfg)
         if cfg.wandb != "disabled":
             import wandb
 
