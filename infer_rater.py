@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alchemist.config import ConfigError
-from alchemist.data.pairs import DataError
+from alchemist.cli import ArgumentParser, user_errors
 from alchemist.scoring import DEFAULT_SHARD_ROWS, rate_file
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="rater run dir or checkpoint file")
     ap.add_argument("--csv", required=True, help="pairs table (.csv / .tsv / .parquet) with id, image path, caption")
     ap.add_argument("--out", required=True, help="ratings table to write (.csv / .parquet)")
@@ -32,12 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = ap.parse_known_args(argv)
     overrides += [f"--{k}={v}" for k, v in (("num_workers", args.num_workers), ("cache_dir", args.cache_dir))
                   if v is not None]
-    try:
-        rate_file(args.ckpt, args.csv, args.out, overrides, batch_size=args.bs, shard_rows=args.shard_rows,
-                  progress=not args.no_progress)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rate_file(args.ckpt, args.csv, args.out, overrides, batch_size=args.bs, shard_rows=args.shard_rows,
+              progress=not args.no_progress)
     return 0
 
 

@@ -16,5 +16,9 @@ def run(cfg: RaterConfig) -> dict:
     return train_rater(cfg)
 
 
+def main(argv: list[str] | None = None) -> int:
+    return config_main(__doc__, RaterConfig, "configs/config_rater.json", run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(config_main(__doc__, RaterConfig, "configs/config_rater.json", run))
+    sys.exit(main())

@@ -9,7 +9,8 @@ from alchemist.config import ConfigError, ModelConfig
 from alchemist.models.proxy import Proxy
 from alchemist.models.rater import Rater
 from alchemist.models.text import TextEncoder
-from alchemist.models.vqvae import VQVAE, load_vqvae
+from alchemist.models.vqvae import VQVAE, TokenizerMismatch, load_vqvae
+from alchemist.utils.checkpoint import torch_load
 
 
 def tokenizer_path(mcfg: ModelConfig) -> Path:
@@ -31,8 +32,17 @@ def build_tokenizer(mcfg: ModelConfig, device: torch.device) -> VQVAE:
                                 f"({str(path)!r}); weights are never downloaded: point model.ckpt_path / "
                                 "model.vae_ckpt at a local file (VAR's vae_ch160v4096z32.pth, or one made by "
                                 "scripts/train_tokenizer.py)")
-    vq = load_vqvae(path, vocab_size=mcfg.vocab_size, z_channels=mcfg.Cvae, ch=mcfg.vae_ch,
-                    ch_mult=mcfg.vae_ch_mult, patch_nums=mcfg.patch_nums)
+    try:
+        vq = load_vqvae(path, vocab_size=mcfg.vocab_size, z_channels=mcfg.Cvae, ch=mcfg.vae_ch,
+                        ch_mult=mcfg.vae_ch_mult, patch_nums=mcfg.patch_nums)
+    except TokenizerMismatch as e:
+        keys = {"vocab_size": "model.vocab_size", "z_channels": "model.Cvae", "ch": "model.vae_ch",
+                "ch_mult": "model.vae_ch_mult", "patch_nums": "model.patch_nums"}
+        name = lambda k: keys.get(k, k)  # noqa: E731
+        raise ConfigError(f"tokenizer {str(path)!r} was trained with "
+                          + ", ".join(f"{name(k)}={a}" for k, (a, _) in e.clash.items()) + " but the config sets "
+                          + ", ".join(f"{name(k)}={b}" for k, (_, b) in e.clash.items())
+                          + ": set them to match, or point model.vae_ckpt at the tokenizer for this config") from None
     got = (tuple(vq.patch_nums), vq.vocab_size, vq.Cvae, vq.downsample)
     want = (tuple(mcfg.patch_nums), mcfg.vocab_size, mcfg.Cvae, mcfg.patch_size)
     if got != want:
@@ -51,7 +61,7 @@ def build_proxy(mcfg: ModelConfig, text_dim: int, device: torch.device) -> Proxy
         path = Path(mcfg.proxy_init)
         if not path.is_file():
             raise FileNotFoundError(f"model.proxy_init {str(path)!r} does not exist (a proxy checkpoint file)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch_load(path, "proxy checkpoint (model.proxy_init)")
         proxy.load_state_dict(state.get("proxy", state.get("state_dict", state)))
     return proxy.to(device)
 

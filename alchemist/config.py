@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
+from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_open
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A user-fixable problem with a configuration (bad key, type or value)."""
 
 
@@ -41,6 +42,10 @@ class DataConfig:
     caption_dropout: float = 0.1  # CFG training; always 0 at scoring time
     num_workers: int = 4
     cache_dir: str = ""  # feature cache written by scripts/precompute.py; "" = raw images
+    # pre-pass: every image is opened once when the table is read, so bad rows are skipped and listed
+    # (skipped.csv) before the first step; false skips it (very large tables): bad images then show up
+    # when first decoded
+    check_images: bool = True
 
     def __post_init__(self):
         _check(self.image_size > 0, "data.image_size must be positive")
@@ -193,6 +198,7 @@ class RaterConfig:
 
     def __post_init__(self):
         _check_geometry(self.data, self.model)
+        _check_seed(self.seed)
 
 
 @dataclass(frozen=True)
@@ -208,6 +214,7 @@ class T2IConfig:
 
     def __post_init__(self):
         _check_geometry(self.data, self.model)
+        _check_seed(self.seed)
 
 
 def _check_geometry(data: DataConfig, model: ModelConfig) -> None:
@@ -215,6 +222,10 @@ def _check_geometry(data: DataConfig, model: ModelConfig) -> None:
     _check(data.image_size == side,
            f"data.image_size {data.image_size} must equal patch_nums[-1] * patch_size = "
            f"{model.patch_nums[-1]} * {model.patch_size} = {side}")
+
+
+def _check_seed(seed: int) -> None:
+    _check(seed >= 0, f"seed must be >= 0 (numpy and torch take non-negative seeds), got {seed}")
 
 
 # ----------------------------------------------------------------------------- machinery
@@ -349,8 +360,11 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
             raise ConfigError(f"config file {str(p)!r} does not exist")
         try:
             raw = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {str(p)!r} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(p)!r} holds a JSON {type(raw).__name__}, not an object; write "
+                              '{"section": {"key": value}} or a flat {"key": value}')
         values.update(_flatten_json(cls, raw))
     if isinstance(overrides, Mapping):
         values.update({resolve_key(cls, k): v for k, v in overrides.items()})

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from alchemist.utils.errors import UserError
+
 HIGHER_IS_BETTER = {"clarity": True, "lowfreq": False, "edge_density": True, "clip": True, "aesthetic": True}
 LOWFREQ_RADIUS = 0.1  # disc radius as a fraction of the Nyquist frequency (0.05 cycles / pixel)
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's "L" mode and OpenCV
@@ -200,7 +202,7 @@ def aesthetic_mlp(state_dict: dict[str, torch.Tensor]) -> torch.nn.Sequential:
     """The LAION aesthetic MLP with the widths read off ``state_dict`` (keys ``layers.{0,2,4,6,7}.*``)."""
     want = {f"layers.{i}.{p}" for i in AESTHETIC_LINEARS for p in ("weight", "bias")}
     if set(state_dict) != want:
-        raise ValueError(f"aesthetic MLP weights do not match the LAION layout (missing "
+        raise UserError(f"aesthetic MLP weights do not match the LAION layout (missing "
                          f"{sorted(want - set(state_dict))}, unexpected {sorted(set(state_dict) - want)}); "
                          "expected keys layers.{0,2,4,6,7}.{weight,bias}")
     layers = []
@@ -231,7 +233,7 @@ class AestheticScorer:
         self.mlp = mlp.to(self.clip.device)
         in_f = self.mlp.layers[0].in_features
         if in_f != self.clip.embed_dim:
-            raise ValueError(f"aesthetic MLP takes {in_f}-d embeddings but the CLIP model at {clip_path} gives "
+            raise UserError(f"aesthetic MLP takes {in_f}-d embeddings but the CLIP model at {clip_path} gives "
                              f"{self.clip.embed_dim}-d; use the CLIP the MLP was trained on (ViT-L/14: 768)")
 
     @torch.no_grad()
@@ -252,7 +254,7 @@ def make_scorer(heuristic: str, clip_path: str = "", mlp_path: str = "", device:
         return ClipScorer(clip_path, device)
     if heuristic == "aesthetic":
         return AestheticScorer(clip_path, mlp_path, device)
-    raise ValueError(f"unknown heuristic {heuristic!r}; choose one of {', '.join(HEURISTICS)}")
+    raise UserError(f"unknown heuristic {heuristic!r}; choose one of {', '.join(HEURISTICS)}")
 
 
 def rate_pairs(table, heuristic: str, scorer, image_size: int = 256, bs: int = 64, workers: int = 0,

@@ -9,7 +9,6 @@ skipped rows.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from pathlib import Path
@@ -20,16 +19,19 @@ from tqdm.auto import tqdm
 
 from alchemist.batch import TokenBatch
 from alchemist.config import config_to_dict, save_config
-from alchemist.runtime import resume_path
-from alchemist.utils.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from alchemist.runtime import resume_checkpoint
+from alchemist.utils.checkpoint import capture_rng, checkpoint_dir, restore_rng, save_checkpoint
 from alchemist.utils.dist import average_grads, is_dist
-from alchemist.utils.io import atomic_open
-from alchemist.utils.metrics import MetricsLogger
+from alchemist.utils.io import remove_stale_temps, write_json
+from alchemist.utils.metrics import MetricsLogger, trim_metrics
 from alchemist.utils.schedule import lr_factor, warmup_steps
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+LOAD = object()  # TrainLoop.run's default: load the checkpoint output.resume names
 
 
 class TrainLoop:
@@ -39,6 +41,8 @@ class TrainLoop:
                  device: torch.device, is_main: bool = True, on_skipped: Callable[[list], None] = lambda s: None):
         self.cfg, self.featurize, self.device, self.is_main, self.on_skipped = cfg, featurize, device, is_main, on_skipped
         self.step_idx, self.epoch, self.nonfinite_run, self.nonfinite_total = 0, 0, 0, 0
+        self.last_metrics: dict[str, float] = {}  # the latest logged numbers: checkpointed, for summary.json
+        self.skip_log, self.skip_path = None, None  # set by run(): written at every checkpoint
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * cfg.optim.ep
         self.warmup_steps = warmup_steps(cfg.optim.wp, cfg.optim.ep, steps_per_epoch)
@@ -111,27 +115,51 @@ class TrainLoop:
         return {}
 
     # -------------------------------------------------------------- the loop
-    def run(self, skip_log, rank: int = 0, world: int = 1) -> dict[str, Any]:
-        """Resume (``output.resume``), save the config, fit, and write the rows ``skip_log`` collected
-        (a ``SkipLog``) to skipped.csv (skipped_rank<r>.csv with several processes); the summary."""
-        resume = resume_path(self.cfg.output)
-        if resume is not None:
-            self.load_state_dict(load_checkpoint(resume))
-            if self.is_main:
-                print(f"resumed from {resume} at step {self.step_idx}")
+    def run(self, skip_log, rank: int = 0, world: int = 1, resumed: Any = LOAD) -> dict[str, Any]:
+        """Resume (``output.resume``), bring the run's records to the checkpoint, fit, summarise.
+
+        ``resumed``: what ``runtime.resume_checkpoint`` returned, when the caller loaded it before
+        the data and models (a bad checkpoint then fails first); by default it is loaded here.
+
+        Records: stale temp files of killed writes are removed; metrics.jsonl is cut to the
+        checkpoint's step (``trim_metrics``); the bad rows ``skip_log`` (a ``SkipLog``) holds, and
+        those an earlier run had listed, go to skipped.csv (skipped_rank<r>.csv with several
+        processes) before the first step, at every checkpoint and at the end; summary.json is
+        written from the checkpointed state, so a run killed at any point and started again ends
+        with the records of a run never stopped.
+        """
+        self.skip_log = skip_log
+        self.skip_path = self.run_dir / ("skipped.csv" if world == 1 else f"skipped_rank{rank}.csv")
         if self.is_main:
+            for folder in (self.run_dir, checkpoint_dir(self.run_dir)):
+                remove_stale_temps(folder)
+        if is_dist():
+            torch.distributed.barrier()  # no rank writes before the stale temp files are gone
+        if resumed is LOAD:
+            resumed = resume_checkpoint(self.cfg.output)
+        if resumed is not None:
+            self.load_state_dict(resumed[1])
+            if self.skip_path.is_file():
+                skip_log.read(self.skip_path)
+            if self.is_main:
+                print(f"resumed from {resumed[0]} at step {self.step_idx}")
+        if self.is_main:
+            trim_metrics(self.logger.path, None if resumed is None else (self.step_idx, self.epoch))
             save_config(self.cfg, self.run_dir / "config.json")
+        skip_log.write(self.skip_path)
         try:
             summary = self.fit()
         finally:
-            skip_log.write(self.run_dir / ("skipped.csv" if world == 1 else f"skipped_rank{rank}.csv"))
+            skip_log.write(self.skip_path)
         summary["skipped_rows"] = skip_log.count
+        if self.is_main:
+            write_json(summary, self.run_dir / "summary.json")
         return summary
 
     def fit(self) -> dict[str, Any]:
         bar = tqdm(total=self.total_steps, initial=self.step_idx, desc=self.desc, dynamic_ncols=True,
                    disable=not (self.is_main and self.cfg.logging.progress))
-        last, t0, n_img = {}, time.perf_counter(), 0
+        last, t0, n_img = self.last_metrics, time.perf_counter(), 0
         while self.epoch < self.cfg.optim.ep:
             for raws in self.epoch_batches():
                 batches = [self.featurize(r) for r in raws]
@@ -144,7 +172,7 @@ class TrainLoop:
                 n_img += sum(b.B for b in batches)
                 bar.update(1)
                 if m is not None:
-                    last = {**m, "img_per_s": n_img / (time.perf_counter() - t0)}
+                    last = self.last_metrics = {**m, "img_per_s": n_img / (time.perf_counter() - t0)}
                     bar.set_postfix({k: f"{last[k]:.3g}" for k in self.progress_keys if k in last})
                     if self.step_idx % self.cfg.logging.log_every == 0:
                         self.logger.log({"step": self.step_idx, "epoch": self.epoch, **last})
@@ -159,9 +187,6 @@ class TrainLoop:
         bar.close()
         summary = {"steps": self.step_idx, "epochs": self.epoch, "nonfinite_steps": self.nonfinite_total,
                    "processes": torch.distributed.get_world_size() if is_dist() else 1, **self.final_summary(), **last}
-        if self.is_main:
-            with atomic_open(self.run_dir / "summary.json") as f:
-                json.dump(summary, f, indent=2)
         self.logger.close()
         return summary
 
@@ -184,14 +209,19 @@ class TrainLoop:
     # -------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_idx, "epoch": self.epoch, "nonfinite_total": self.nonfinite_total,
-                "rng": capture_rng(), "config": config_to_dict(self.cfg), **self.extra_state()}
+                "rng": capture_rng(), "config": config_to_dict(self.cfg), "last_metrics": dict(self.last_metrics),
+                **self.extra_state()}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.load_extra_state(ckpt)
         self.step_idx, self.epoch, self.nonfinite_total = ckpt["step"], ckpt["epoch"], ckpt["nonfinite_total"]
+        self.last_metrics = dict(ckpt.get("last_metrics", {}))
         restore_rng(ckpt["rng"])
 
     def save(self) -> Path | None:
+        """A checkpoint (main process), and every process's skipped rows so far."""
+        if self.skip_log is not None:
+            self.skip_log.write(self.skip_path)
         if not self.is_main:
             return None
         return save_checkpoint(self.run_dir, self.step_idx, self.state_dict(), self.cfg.output.keep_last)

@@ -21,6 +21,7 @@ from PIL import Image  # noqa: E402
 
 from alchemist.selection import (discarded_head, discarded_tail, inclusion_probability, resolve_params,  # noqa: E402
                                  sampling_weight, select)
+from alchemist.utils.errors import UserError  # noqa: E402
 
 _CURVE_N = 200_000  # rows on which the (large-N) expected inclusion curve is evaluated
 
@@ -73,7 +74,7 @@ def plot_rank_bands(ratings: pd.DataFrame, out: str | os.PathLike, k: int = 6, b
     """A grid with ``k`` random images (and captions) from each of ``bands`` rank bands."""
     image_col = image_col or next((c for c in ("image_path", "image_save_path") if c in ratings.columns), None)
     if image_col is None or image_col not in ratings.columns:
-        raise ValueError(f"ratings have no image column {image_col or 'image_path / image_save_path'}; "
+        raise UserError(f"ratings have no image column {image_col or 'image_path / image_save_path'}; "
                          "pass image_col")
     if not np.array_equal(ratings["rank"].to_numpy(), np.arange(len(ratings))):
         ratings = ratings.sort_values("rank", ignore_index=True)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_open
 
 REQUIRED = ("id", "score", "rank")
@@ -28,7 +30,7 @@ def table_format(path: str | os.PathLike) -> str:
         return "csv"
     if suffix in (".parquet", ".pq"):
         return "parquet"
-    raise ValueError(f"{path}: unknown table format {suffix!r}; name the file .csv or .parquet")
+    raise UserError(f"{path}: unknown table format {suffix!r}; name the file .csv or .parquet")
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
@@ -37,9 +39,14 @@ def read_table(path: str | os.PathLike) -> pd.DataFrame:
     fmt = table_format(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such table file")
-    if fmt == "parquet":
-        return pd.read_parquet(path)
-    return pd.read_csv(path, dtype=str, keep_default_na=False, engine="pyarrow")
+    try:
+        if fmt == "parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, engine="pyarrow")
+    except (ValueError, pa.ArrowException) as e:  # an empty file, a broken one, not a table at all
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"could not read table {str(path)!r} ({type(e).__name__}: {first}); check that it is a "
+                        f"valid {fmt} file") from None
 
 
 def write_table(df: pd.DataFrame, path: str | os.PathLike) -> Path:
@@ -58,7 +65,7 @@ def rank_scores(df: pd.DataFrame) -> pd.DataFrame:
     _require(df, ("id", "score"), "table")
     score = pd.to_numeric(df["score"], errors="coerce")
     if score.isna().any():
-        raise ValueError(f"{int(score.isna().sum())} rows have a missing or non-numeric score; "
+        raise UserError(f"{int(score.isna().sum())} rows have a missing or non-numeric score; "
                          "drop them before ranking")
     out = df.assign(score=score.astype(np.float64)).sort_values(
         ["score", "id"], ascending=[False, True], kind="stable", ignore_index=True)
@@ -84,16 +91,16 @@ def read_ratings(path: str | os.PathLike) -> pd.DataFrame:
     df["rank"] = pd.to_numeric(df["rank"], errors="raise").astype(np.int64)
     bad = int((~np.isfinite(df["score"].to_numpy())).sum())
     if bad:
-        raise ValueError(f"ratings file {path}: {bad} rows have a NaN or infinite score; rescore or drop them")
+        raise UserError(f"ratings file {path}: {bad} rows have a NaN or infinite score; rescore or drop them")
     dup = df["id"].astype(str).duplicated()
     if dup.any():
-        raise ValueError(f"ratings file {path}: {int(dup.sum())} ids appear more than once (first: "
+        raise UserError(f"ratings file {path}: {int(dup.sum())} ids appear more than once (first: "
                          f"{df.loc[dup, 'id'].iloc[0]!r}); each pair must be rated once")
     if not _is_ranked(df):
         rank = df["rank"].to_numpy()
         if len(rank) and (rank.min() != 0 or rank.max() != len(rank) - 1
                           or np.bincount(rank, minlength=len(rank)).max() != 1):
-            raise ValueError(f"ratings file {path}: 'rank' is not a permutation of 0..N-1; "
+            raise UserError(f"ratings file {path}: 'rank' is not a permutation of 0..N-1; "
                              "rewrite it with alchemist.ratings.write_ratings")
         df = df.sort_values("rank", kind="stable", ignore_index=True)
     return df
@@ -106,5 +113,5 @@ def _is_ranked(df: pd.DataFrame) -> bool:
 def _require(df: pd.DataFrame, cols: tuple[str, ...], what: str) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
-        raise ValueError(f"{what} lacks column(s) {missing}; a ratings table needs {list(REQUIRED)} "
+        raise UserError(f"{what} lacks column(s) {missing}; a ratings table needs {list(REQUIRED)} "
                          f"(it has {list(df.columns)})")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -11,7 +12,7 @@ from alchemist.config import ConfigError, DataConfig, OutputConfig
 from alchemist.data.cache import CacheDataset, collate_cache
 from alchemist.data.pairs import PairsDataset, collate_pairs
 from alchemist.data.sampler import ResumableSampler, Stream
-from alchemist.utils.checkpoint import latest_checkpoint
+from alchemist.utils.checkpoint import latest_intact_checkpoint, load_checkpoint
 from alchemist.utils.dist import state as dist_state
 
 
@@ -58,9 +59,11 @@ def make_stream(table, data: DataConfig, split: str, rt: Runtime, *, shuffle: bo
     return Stream(make_loader, sampler, rt.per_rank_bs)
 
 
-def resume_path(out: OutputConfig) -> Path | None:
+def resume_checkpoint(out: OutputConfig) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint ``output.resume`` names, loaded: ``auto`` the run's newest intact one (a
+    damaged newer one is skipped with a warning), ``none`` nothing, else that file."""
     if out.resume == "none":
         return None
     if out.resume == "auto":
-        return latest_checkpoint(out.run_dir)
-    return Path(out.resume)
+        return latest_intact_checkpoint(out.run_dir)
+    return Path(out.resume), load_checkpoint(out.resume)

@@ -35,9 +35,10 @@ from alchemist.data.pairs import DataError, PairsDataset, SkipLog, collate_pairs
 from alchemist.data.tokens import Featurizer
 from alchemist.models.rater import Rater
 from alchemist.ratings import table_format, write_ratings
-from alchemist.utils.checkpoint import latest_checkpoint
+from alchemist.utils.checkpoint import CheckpointError, latest_checkpoint, torch_load
 from alchemist.utils.dist import state as dist_state
-from alchemist.utils.io import atomic_open
+from alchemist.utils.errors import UserError
+from alchemist.utils.io import atomic_open, check_writable, remove_stale_temps
 
 OFFICIAL_BATCH = 256  # the official scoring script's batch size: official_score depends on it
 DEFAULT_SHARD_ROWS = 16384  # a multiple of OFFICIAL_BATCH; about a minute of one GPU's work
@@ -65,13 +66,10 @@ def load_rater(ckpt: str | os.PathLike, device: torch.device | str = "cpu") -> t
     elif not path.is_file():
         raise FileNotFoundError(f"rater checkpoint {str(path)!r} does not exist; pass a run dir or a .pt file "
                                 "written by train_rater.py")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file can fail in many ways inside the unpickler
-        raise ValueError(f"could not read rater checkpoint {str(path)!r} ({type(e).__name__}: {e})") from None
+    state = torch_load(path, "rater checkpoint")
     if not (isinstance(state, dict) and "rater" in state and "config" in state):
-        raise ValueError(f"{str(path)!r} is not a rater checkpoint (needs 'rater' and 'config' entries); "
-                         "pass a file written by train_rater.py")
+        raise CheckpointError(f"{str(path)!r} is not a rater checkpoint (needs 'rater' and 'config' entries); "
+                              "pass a file written by train_rater.py")
     cfg = config_from_dict(RaterConfig, state["config"])
     text_dim = state["rater"]["text_proj.weight"].shape[1]
     rater = build_rater(cfg.model, text_dim, torch.device(device), double_softmax=False)
@@ -100,7 +98,8 @@ def rate_file(ckpt: str | os.PathLike, table_path: str | os.PathLike, out_path: 
               overrides: Sequence[str] = (), batch_size: int = 256, shard_rows: int = DEFAULT_SHARD_ROWS,
               progress: bool = True) -> Path:
     """Everything ``infer_rater.py`` does: load, build encoders, score this rank's shards, merge."""
-    table_format(out_path)  # a bad extension fails now, not after the scoring
+    table_format(out_path)  # a bad extension or a read-only folder fails now, not after the scoring
+    check_writable(Path(out_path).parent)
     ps = dist_state()
     rank, world = ps.process_index, ps.num_processes
     rater, cfg = load_rater(ckpt, ps.device)
@@ -203,11 +202,15 @@ def score_table(table: pd.DataFrame, out_path: str | os.PathLike, rater: Rater, 
     ``.skipped.csv`` report is complete. Returns the ratings path (on every rank, once written).
     """
     if batch_size < 1 or shard_rows < 1:
-        raise ValueError(f"batch size and shard rows must be >= 1, got {batch_size} and {shard_rows}")
+        raise UserError(f"batch size and shard rows must be >= 1, got {batch_size} and {shard_rows}")
     out_path = Path(out_path)
     table_format(out_path)
     root = shards_dir(out_path)
+    if rank == 0:  # what killed writes of an earlier run left
+        remove_stale_temps(root)
+        remove_stale_temps(out_path.parent, [out_path.name, skipped_path(out_path).name])
     _claim(root, _fingerprint(table, rater, shard_rows), rank)
+    _barrier()  # the shard folder is claimed and clean before any rank writes to it
     device = featurizer.device
     rater.eval()
 

@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from alchemist.utils.errors import UserError
+
 STRATEGIES = ("shift_gsample", "gsample", "block", "topk", "bottomk", "random")
 PARAMS = {
     "shift_gsample": ("mu", "sigma", "shift", "tail"),
@@ -126,15 +128,15 @@ def resolve_params(strategy: str, n_total: int, retention: float | int, scores: 
 def n_select(n_total: int, retention: float | int) -> int:
     """K from a retention given as a fraction in (0, 1] (float) or a count >= 1 (int)."""
     if isinstance(retention, (bool, np.bool_)):
-        raise ValueError(f"retention must be a fraction in (0, 1] or a count >= 1, got {retention!r}")
+        raise UserError(f"retention must be a fraction in (0, 1] or a count >= 1, got {retention!r}")
     if isinstance(retention, (int, np.integer)):
         k = int(retention)
     elif isinstance(retention, (float, np.floating)) and 0.0 < retention <= 1.0:
         k = int(round(float(retention) * n_total))
     else:
-        raise ValueError(f"retention must be a fraction in (0, 1] or a count >= 1, got {retention!r}")
+        raise UserError(f"retention must be a fraction in (0, 1] or a count >= 1, got {retention!r}")
     if not 1 <= k <= n_total:
-        raise ValueError(f"retention {retention!r} asks for {k} rows; it must select between 1 and N={n_total}")
+        raise UserError(f"retention {retention!r} asks for {k} rows; it must select between 1 and N={n_total}")
     return k
 
 
@@ -241,26 +243,26 @@ def _rank_order(ratings: Any) -> tuple[int, np.ndarray | None]:
     """(N, order) with order[rank position] = row index, or None when rows are in rank order."""
     if isinstance(ratings, (int, np.integer)) and not isinstance(ratings, (bool, np.bool_)):
         if ratings < 1:
-            raise ValueError(f"need at least one row to select from, got N={ratings}")
+            raise UserError(f"need at least one row to select from, got N={ratings}")
         return int(ratings), None
     if isinstance(ratings, pd.DataFrame):
         if "rank" in ratings.columns:
             return _order_from_ranks(ratings["rank"].to_numpy())
         if "score" in ratings.columns:
             return _order_from_scores(ratings["score"].to_numpy(dtype=np.float64))
-        raise ValueError("the ratings table needs a 'rank' or 'score' column to select from")
+        raise UserError("the ratings table needs a 'rank' or 'score' column to select from")
     return _order_from_scores(np.asarray(ratings, dtype=np.float64))
 
 
 def _order_from_ranks(rank: np.ndarray) -> tuple[int, np.ndarray | None]:
     n = len(rank)
     if n == 0:
-        raise ValueError("the ratings table is empty")
+        raise UserError("the ratings table is empty")
     if np.array_equal(rank, np.arange(n)):
         return n, None
     ok = np.issubdtype(rank.dtype, np.integer) and rank.min() == 0 and rank.max() == n - 1
     if not ok or np.bincount(rank, minlength=n).max() != 1:
-        raise ValueError("the 'rank' column must be a permutation of 0..N-1; rebuild it with alchemist.ratings.rank_scores")
+        raise UserError("the 'rank' column must be a permutation of 0..N-1; rebuild it with alchemist.ratings.rank_scores")
     order = np.empty(n, dtype=np.int64)
     order[rank] = np.arange(n)
     return n, order
@@ -268,19 +270,19 @@ def _order_from_ranks(rank: np.ndarray) -> tuple[int, np.ndarray | None]:
 
 def _order_from_scores(scores: np.ndarray) -> tuple[int, np.ndarray]:
     if scores.ndim != 1 or len(scores) == 0:
-        raise ValueError(f"scores must be a non-empty 1-D array, got shape {scores.shape}")
+        raise UserError(f"scores must be a non-empty 1-D array, got shape {scores.shape}")
     if np.isnan(scores).any():
-        raise ValueError(f"{int(np.isnan(scores).sum())} scores are NaN; fix or drop those rows before selecting")
+        raise UserError(f"{int(np.isnan(scores).sum())} scores are NaN; fix or drop those rows before selecting")
     return len(scores), np.argsort(-scores, kind="stable")
 
 
 def _check_params(strategy: str, params: dict) -> tuple[str, dict]:
     if strategy not in PARAMS:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise UserError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     extra = sorted(set(params) - set(PARAMS[strategy]))
     if extra:
         takes = ", ".join(PARAMS[strategy]) or "none"
-        raise ValueError(f"strategy {strategy!r} takes no parameter {extra[0]!r} (its parameters: {takes})")
+        raise UserError(f"strategy {strategy!r} takes no parameter {extra[0]!r} (its parameters: {takes})")
     return strategy, params
 
 
@@ -316,7 +318,7 @@ def _block(n: int, k: int, start: float | None) -> np.ndarray:
         _check_fraction("start", start)
         s = _first_at_or_after(start, n)
         if s + k > n:
-            raise ValueError(f"block: the window [{start}, {start} + {k}/{n}) runs past the last row; "
+            raise UserError(f"block: the window [{start}, {start} + {k}/{n}) runs past the last row; "
                              f"use start <= {(n - k) / n:.4f}")
     return np.arange(s, s + k)
 
@@ -326,7 +328,7 @@ def _gaussian_logweights(n: int, k: int, strategy: str, params: dict) -> tuple[i
     mu = float(params.get("mu", DEFAULT_MU))
     sigma = float(params.get("sigma", DEFAULT_SIGMA))
     if not (sigma > 0 and math.isfinite(sigma) and math.isfinite(mu)):
-        raise ValueError(f"{strategy}: need a finite mu and sigma > 0, got mu={mu}, sigma={sigma}")
+        raise UserError(f"{strategy}: need a finite mu and sigma > 0, got mu={mu}, sigma={sigma}")
     head, end = 0, n
     if strategy == "shift_gsample":
         shift = params.get("shift")
@@ -339,7 +341,7 @@ def _gaussian_logweights(n: int, k: int, strategy: str, params: dict) -> tuple[i
         _check_fraction("tail", tail)
         end = n - _tail_rows(tail, n)
         if end - head < k:
-            raise ValueError(f"shift_gsample: keeping {k} rows is impossible between the top shift={params.get('shift')} "
+            raise UserError(f"shift_gsample: keeping {k} rows is impossible between the top shift={params.get('shift')} "
                              f"and the bottom tail={tail} of N={n} ({max(0, end - head)} rows); lower the shift, "
                              "the tail or the retention")
     logw = np.arange(head, end, dtype=np.float64)
@@ -357,7 +359,7 @@ def _tail_rows(tail: float, n: int) -> int:
 
 def _check_fraction(name: str, value: float) -> None:
     if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{name} is a fraction of the ranking and must lie in [0, 1), got {value!r}")
+        raise UserError(f"{name} is a fraction of the ranking and must lie in [0, 1), got {value!r}")
 
 
 def _weighted_sample(logw: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from alchemist.data.pairs import load_image, preprocess_image
 from alchemist.evaluation.metrics import batched, fid
+from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_torch_save
 from experiments.demo_data import (BACKGROUNDS, COLOURS, COUNT_WORDS, POSITIONS, SHAPES, SIZES, render_scene,
                                    sample_scene, summarize)
@@ -46,12 +47,12 @@ def encode_attributes(table: pd.DataFrame, attributes=tuple(ATTRIBUTES)) -> torc
     cols = []
     for a in attributes:
         if a not in table.columns:
-            raise ValueError(f"attribute table has no column {a!r} (columns: {', '.join(map(str, table.columns))})")
+            raise UserError(f"attribute table has no column {a!r} (columns: {', '.join(map(str, table.columns))})")
         index = {v: i for i, v in enumerate(ATTRIBUTES[a])}
         values = table[a].astype(str).str.strip().str.replace(r"\.0$", "", regex=True)  # a count read as float
         unknown = sorted(set(values) - set(index) - set(NOT_ASKED))
         if unknown:
-            raise ValueError(f"attribute {a!r} has unknown value(s) {unknown[:5]}; "
+            raise UserError(f"attribute {a!r} has unknown value(s) {unknown[:5]}; "
                              f"expected one of {list(ATTRIBUTES[a])}")
         cols.append([index.get(v, -1) for v in values])
     return torch.tensor(cols, dtype=torch.long).T.reshape(len(table), len(attributes))
@@ -117,7 +118,7 @@ def load_clean_demo(demo_dir: str | os.PathLike, split: str) -> tuple[torch.Tens
     defects = pd.read_csv(demo_dir / "defects.csv", dtype=str, keep_default_na=False)
     rows = defects[(defects["split"] == split) & (defects["kind"] == "clean")].reset_index(drop=True)
     if rows.empty:
-        raise ValueError(f"demo folder {str(demo_dir)!r} has no clean {split} rows to train or test the classifier on")
+        raise UserError(f"demo folder {str(demo_dir)!r} has no clean {split} rows to train or test the classifier on")
     imgs = [load_image(str(demo_dir / "images" / f"{i}.png"), size) for i in rows["id"]]
     return torch.stack(imgs), rows
 
@@ -209,7 +210,7 @@ def load_attribute_classifier(path: str | os.PathLike, device: str | torch.devic
                                 "scripts/experiment.py classifier --demo DIR --out FILE")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("vocab") != {a: list(v) for a, v in ATTRIBUTES.items()}:
-        raise ValueError(f"attribute classifier {str(path)!r} was trained on other attribute vocabularies than "
+        raise UserError(f"attribute classifier {str(path)!r} was trained on other attribute vocabularies than "
                          "experiments.demo_data defines now; retrain it")
     model = AttributeClassifier(**ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])

@@ -24,6 +24,7 @@ from alchemist.ratings import read_ratings, write_ratings
 from alchemist.scoring import rate_file
 from alchemist.selection import prune_table
 from alchemist.tokenizer_training import train_tokenizer_for
+from alchemist.utils.errors import UserError
 from experiments.demo_data import DemoSpec, format_summary, generate_demo
 from experiments.digits_data import DigitsSpec, generate_digits
 from experiments.planted import format_kind_report, kind_report
@@ -49,7 +50,7 @@ def demo_dataset(out: Path, n_train: int, n_val: int, seed: int, bench: str = "d
     elif bench == "demo":
         print(format_summary(generate_demo(data, DemoSpec(n_train=n_train, n_val=n_val, seed=seed))))
     else:
-        raise ValueError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
+        raise UserError(f"unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
     return data
 
 

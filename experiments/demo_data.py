@@ -26,6 +26,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_open
 from experiments.types import KINDS
 
@@ -68,15 +69,17 @@ class DemoSpec:
 
     def __post_init__(self):
         if self.n_train < 1 or self.n_val < 1:
-            raise ValueError("demo n_train and n_val must be >= 1")
+            raise UserError("demo n_train and n_val must be >= 1")
         if self.image_size < 16:
-            raise ValueError(f"demo image_size must be >= 16 to draw shapes, got {self.image_size}")
+            raise UserError(f"demo image_size must be >= 16 to draw shapes, got {self.image_size}")
+        if self.seed < 0:
+            raise UserError(f"demo seed must be >= 0, got {self.seed}")
         rates = {k: getattr(self, f"rate_{k}") for k in KINDS[1:]}
         if not all(0.0 <= r <= 1.0 for r in rates.values()) or sum(rates.values()) > 1.0 + 1e-9:
-            raise ValueError(f"demo rates must be in [0, 1] and sum to <= 1, got {rates}")
+            raise UserError(f"demo rates must be in [0, 1] and sum to <= 1, got {rates}")
         counts = self.planted_counts()
         if counts["clean"] < 0 or (counts["clean"] == 0 and counts["duplicate"] + counts["misaligned"] > 0):
-            raise ValueError(f"demo rates leave {counts['clean']} clean rows, but duplicate and misaligned "
+            raise UserError(f"demo rates leave {counts['clean']} clean rows, but duplicate and misaligned "
                              "rows need clean sources; lower the rates")
 
     def planted_counts(self) -> dict[str, int]:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFilter
 
+from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_open
 from experiments.demo_data import png_bytes
 from experiments.types import KINDS
@@ -47,9 +48,9 @@ class DigitsSpec:
     def __post_init__(self):
         rates = [getattr(self, f"rate_{k}") for k in KINDS[1:]]
         if not all(0.0 <= r <= 1.0 for r in rates) or sum(rates) > 0.9:
-            raise ValueError(f"digits rates must be in [0, 1] and sum to <= 0.9, got {rates}")
+            raise UserError(f"digits rates must be in [0, 1] and sum to <= 0.9, got {rates}")
         if not 1 <= self.n_val < 1797 or self.image_size < 8:
-            raise ValueError("digits need 1 <= n_val < 1797 and image_size >= 8")
+            raise UserError("digits need 1 <= n_val < 1797 and image_size >= 8")
 
 
 def _load_scans() -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from alchemist.utils.errors import UserError
 from experiments.types import KINDS
 
 N_DECILES = 10
@@ -49,7 +50,7 @@ def kind_report(ratings: pd.DataFrame, defects: pd.DataFrame, selected_ids: Iter
     r["kind"] = r["id"].map(kinds)
     unknown = r["kind"].isna()
     if unknown.any():
-        raise ValueError(f"{int(unknown.sum())} rated ids are not in the defects table (first: "
+        raise UserError(f"{int(unknown.sum())} rated ids are not in the defects table (first: "
                          f"{r.loc[unknown, 'id'].iloc[0]!r}); pass the defects.csv of the dataset that was rated")
     present = set(r["kind"])
     names = [k for k in KINDS if k in present] + sorted(present - set(KINDS))
@@ -67,7 +68,7 @@ def kind_report(ratings: pd.DataFrame, defects: pd.DataFrame, selected_ids: Iter
         chosen = pd.Index(pd.Series(list(selected_ids), dtype=str).unique())
         stray = chosen.difference(r["id"])
         if len(stray):
-            raise ValueError(f"{len(stray)} selected ids are not in the ratings (first: {stray[0]!r}); "
+            raise UserError(f"{len(stray)} selected ids are not in the ratings (first: {stray[0]!r}); "
                              "select from the same ratings file")
         report["kept"] = r["id"].isin(chosen).groupby(r["kind"]).mean().reindex(names)
     return report

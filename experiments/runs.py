@@ -261,7 +261,7 @@ def run_job(job: Job) -> dict:
 
 
 def _count_rows(csv: str) -> int:
-    """Rows of a subset CSV (train_t2i returns train_rows but does not write it to summary.json)."""
+    """Rows of a subset CSV, as listed (summary.json's train_rows counts the usable ones)."""
     return len(pd.read_csv(csv, dtype=str, keep_default_na=False, usecols=["id"]))
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import sys
 
+from alchemist.cli import ArgumentParser, user_errors
 from alchemist.utils.io import atomic_open
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -33,8 +34,8 @@ def prune_main(argv: list[str]) -> None:
     """No torch in this process: a case's child inherits the parent's peak RSS through fork/exec."""
     from alchemist.bench.prune import run_prune_benchmark
 
-    ap = argparse.ArgumentParser(prog="bench.py prune", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="bench.py prune", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=30_000_000)
     ap.add_argument("--retention", type=float, nargs="+", default=[0.2, 0.5])
     ap.add_argument("--table", action="store_true", help="also prune a synthetic N-row parquet end to end")
@@ -46,7 +47,8 @@ def prune_main(argv: list[str]) -> None:
             json.dump(results, f, indent=1)
 
 
-def main(argv: list[str] | None = None) -> None:
+@user_errors
+def main(argv: list[str] | None = None) -> int | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prune"]:
         return prune_main(argv[1:])
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     from alchemist.bench.report import format_flops, format_table
     from alchemist.bench.synthetic import MODES, PRESETS, bench_config
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--rules", default=",".join(RULES), help="comma-separated subset of %(default)s")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of %(default)s")
@@ -107,4 +109,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

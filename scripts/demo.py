@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import sys
 
+from alchemist.cli import ArgumentParser, non_negative_int, user_errors
 from experiments.demo_data import DemoSpec, format_summary, generate_demo
 from experiments.types import BENCHMARKS
 
@@ -33,14 +34,14 @@ def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="runs/demo", help="folder for every demo output")
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-val", type=int, default=500)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--tokenizer-steps", type=int, default=800)
 
 
 def pipeline_main(argv: list[str]) -> None:
     from experiments.demo import run_demo
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(ap)
     ap.add_argument("--retention", type=float, default=0.5)
     ap.add_argument("--bench", choices=BENCHMARKS, default="demo", help="demo: generated scenes; digits: real scans")
@@ -53,9 +54,9 @@ def pipeline_main(argv: list[str]) -> None:
 def sweep_main(argv: list[str]) -> None:
     from experiments.sweep import run_sweep
 
-    ap = argparse.ArgumentParser(prog="demo.py sweep", description="The rating pipeline over seeds: planted-kind "
-                                 "AUROC and Shift-Gsample keep rates as mean +- std. Other --key=value go to every "
-                                 "seed's rater config.")
+    ap = ArgumentParser(prog="demo.py sweep", description="The rating pipeline over seeds: planted-kind "
+                        "AUROC and Shift-Gsample keep rates as mean +- std. Other --key=value go to every "
+                        "seed's rater config.")
     ap.add_argument("--bench", choices=BENCHMARKS, default="demo")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     ap.add_argument("--jobs", type=int, default=2, help="seeds run at once (one torch thread each)")
@@ -66,26 +67,23 @@ def sweep_main(argv: list[str]) -> None:
 
 
 def data_main(argv: list[str]) -> None:
-    ap = argparse.ArgumentParser(prog="demo.py data", description="Generate the demo dataset; an existing output "
-                                 "with the same spec is reused unless --force.")
+    ap = ArgumentParser(prog="demo.py data", description="Generate the demo dataset; an existing output "
+                        "with the same spec is reused unless --force.")
     ap.add_argument("--out", required=True, help="output folder")
     for f in dataclasses.fields(DemoSpec):
         ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
                         help=f"default {f.default}")
     ap.add_argument("--force", action="store_true", help="regenerate even if OUT holds the same spec")
     args = ap.parse_args(argv)
-    try:
-        spec = DemoSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoSpec)})
-    except ValueError as e:
-        ap.error(str(e))
+    spec = DemoSpec(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoSpec)})
     print(format_summary(generate_demo(args.out, spec, force=args.force)))
 
 
 def generation_main(argv: list[str]) -> None:
     from experiments.demo import run_generation
 
-    ap = argparse.ArgumentParser(prog="demo.py generation", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="demo.py generation", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(ap)
     ap.add_argument("--grid", default="", help="PNG path (default <out>/samples.png)")
     ap.add_argument("--rows", type=int, default=8, help="val captions in the grid")
@@ -95,7 +93,8 @@ def generation_main(argv: list[str]) -> None:
                    args.samples, overrides)
 
 
-def main(argv: list[str] | None = None) -> None:
+@user_errors
+def main(argv: list[str] | None = None) -> int | None:
     argv = sys.argv[1:] if argv is None else argv
     commands = {"data": data_main, "generation": generation_main, "sweep": sweep_main}
     if argv[:1] and argv[0] in commands:
@@ -104,4 +103,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

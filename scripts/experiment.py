@@ -24,13 +24,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from alchemist.config import ConfigError
-from alchemist.data.pairs import DataError
+from alchemist.cli import ArgumentParser, UsageError, non_negative_int, user_errors
 
 
 def selection_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="experiment.py selection", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="experiment.py selection", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", default="runs/demo")
     ap.add_argument("--out", default="", help="experiment folder (default <demo>/experiment[_quick])")
     ap.add_argument("--ratings", default="", help="the rater's ratings (default <demo>/ratings.parquet)")
@@ -53,28 +52,24 @@ def selection_main(argv: list[str]) -> int:
     ap.add_argument("--quick", action="store_true", help="CI-size smoke run: 1 epoch, depth 1, 8 images")
     args, overrides = ap.parse_known_args(argv)
     command = " ".join(["python", "scripts/experiment.py", "selection", *map(shlex.quote, argv)])
-    try:
-        from experiments.experiment import run_experiment
-        from experiments.types import ExperimentConfig, quick_config
+    from experiments.experiment import run_experiment
+    from experiments.types import ExperimentConfig, quick_config
 
-        kw = dict(demo=args.demo, out=args.out, ratings=args.ratings, rules_dir=args.rules_dir,
-                  t2i_config=args.config, t2i_overrides=tuple(overrides), heuristics=args.heuristics,
-                  cache=not args.no_cache, jobs=args.jobs, threads=args.threads, figure=args.figure)
-        if args.epochs is not None:
-            kw["epochs"] = args.epochs
-        if args.seeds is not None:
-            kw["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
-        if args.rule_arms:
-            kw["rule_arms"] = tuple(r.strip() for r in args.rule_arms.split(",") if r.strip())
-        if args.n_generate is not None:
-            kw["n_generate"] = args.n_generate
-        if args.doc is not None:
-            kw["doc"] = args.doc
-        cfg = quick_config(**kw) if args.quick else ExperimentConfig(**kw)
-        results = run_experiment(cfg, command=command)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    kw = dict(demo=args.demo, out=args.out, ratings=args.ratings, rules_dir=args.rules_dir,
+              t2i_config=args.config, t2i_overrides=tuple(overrides), heuristics=args.heuristics,
+              cache=not args.no_cache, jobs=args.jobs, threads=args.threads, figure=args.figure)
+    if args.epochs is not None:
+        kw["epochs"] = args.epochs
+    if args.seeds is not None:
+        kw["seeds"] = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+    if args.rule_arms:
+        kw["rule_arms"] = tuple(r.strip() for r in args.rule_arms.split(",") if r.strip())
+    if args.n_generate is not None:
+        kw["n_generate"] = args.n_generate
+    if args.doc is not None:
+        kw["doc"] = args.doc
+    cfg = quick_config(**kw) if args.quick else ExperimentConfig(**kw)
+    results = run_experiment(cfg, command=command)
     print(f"{len(results['runs'])} runs in {results['seconds'] / 60:.1f} min -> {cfg.out_dir / 'results.json'}, "
           f"{cfg.doc_path}, {cfg.figure_path}")
     return 0
@@ -84,8 +79,8 @@ def rules_main(argv: list[str]) -> int:
     from alchemist.bilevel.estimators import ESTIMATORS
     from experiments.rules import compare_rules, format_rules_table
 
-    ap = argparse.ArgumentParser(prog="experiment.py rules", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="experiment.py rules", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", default="runs/demo")
     ap.add_argument("--rules", default=",".join(ESTIMATORS))
     args, overrides = ap.parse_known_args(argv)
@@ -98,24 +93,20 @@ def classifier_main(argv: list[str]) -> int:
 
     from experiments.attributes import train_attribute_classifier
 
-    ap = argparse.ArgumentParser(prog="experiment.py classifier", description="Train the demo attribute "
-                                 "classifier on the clean train rows of a demo folder plus freshly rendered clean "
-                                 "scenes; print its accuracy per attribute on the clean val split and the time taken.")
+    ap = ArgumentParser(prog="experiment.py classifier", description="Train the demo attribute "
+                        "classifier on the clean train rows of a demo folder plus freshly rendered clean "
+                        "scenes; print its accuracy per attribute on the clean val split and the time taken.")
     ap.add_argument("--demo", required=True, help="demo data folder (scripts/demo.py data --out)")
     ap.add_argument("--out", required=True, help="classifier checkpoint to write")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--extra", type=int, default=10000, help="freshly rendered clean scenes added to training")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch CPU threads (0 = torch's default); 1 is much faster on a busy machine")
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    try:
-        stats = train_attribute_classifier(args.demo, args.out, epochs=args.epochs, seed=args.seed, n_extra=args.extra)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    stats = train_attribute_classifier(args.demo, args.out, epochs=args.epochs, seed=args.seed, n_extra=args.extra)
     print(f"attribute classifier -> {args.out} ({stats['n_train']} training images, {args.epochs} epochs, "
           f"{stats['seconds']:.0f}s)")
     print(f"held-out accuracy on {stats['n_heldout']} clean val images:")
@@ -127,10 +118,10 @@ def classifier_main(argv: list[str]) -> int:
 def downstream_main(argv: list[str]) -> int:
     from experiments.downstream import run_downstream
 
-    ap = argparse.ArgumentParser(prog="experiment.py downstream", description="Full vs random 50 % vs Shift-Gsample "
-                                 "50 % vs Top-K 50 % at equal training steps, on every seed of a sweep "
-                                 "(scripts/demo.py sweep); held-out loss and caption gain, mean +- std. Other "
-                                 "--key=value go to the T2I config.")
+    ap = ArgumentParser(prog="experiment.py downstream", description="Full vs random 50 % vs Shift-Gsample "
+                        "50 % vs Top-K 50 % at equal training steps, on every seed of a sweep "
+                        "(scripts/demo.py sweep); held-out loss and caption gain, mean +- std. Other "
+                        "--key=value go to the T2I config.")
     ap.add_argument("--sweep", required=True, help="the sweep folder (seed<N>/ with data, tokenizer, ratings)")
     ap.add_argument("--bench", default="", help="name for the report (default: the folder's name)")
     ap.add_argument("--seeds", default="0,1,2")
@@ -139,28 +130,20 @@ def downstream_main(argv: list[str]) -> int:
     ap.add_argument("--config", default="configs/demo_t2i.json")
     args, overrides = ap.parse_known_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    try:
-        run_downstream(args.sweep, args.bench or Path(args.sweep).name, seeds, args.epochs, args.jobs, overrides,
-                       args.config)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run_downstream(args.sweep, args.bench or Path(args.sweep).name, seeds, args.epochs, args.jobs, overrides,
+                   args.config)
     return 0
 
 
 def signal_main(argv: list[str]) -> int:
     from experiments.signal import final_signal
 
-    ap = argparse.ArgumentParser(prog="experiment.py signal", description="AUROC per planted kind of the lookahead "
-                                 "coefficient at a rater run's final proxy, beside the rater's own AUROC.")
+    ap = ArgumentParser(prog="experiment.py signal", description="AUROC per planted kind of the lookahead "
+                        "coefficient at a rater run's final proxy, beside the rater's own AUROC.")
     ap.add_argument("--run", required=True, help="a demo-layout run folder (data/, rater/, ratings.parquet)")
     ap.add_argument("--n-val", type=int, default=400, help="validation pairs in the gradient")
     args = ap.parse_args(argv)
-    try:
-        print(final_signal(args.run, args.n_val).round(3).to_string())
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(final_signal(args.run, args.n_val).round(3).to_string())
     return 0
 
 
@@ -168,12 +151,14 @@ COMMANDS = {"selection": selection_main, "rules": rules_main, "classifier": clas
             "downstream": downstream_main, "signal": signal_main}
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(__doc__)
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
-        print(f"error: name one of {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+        raise UsageError(f"name one of {', '.join(COMMANDS)} first (experiment.py --help describes them)")
     return COMMANDS[argv[0]](argv[1:])
 
 

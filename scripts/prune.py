@@ -14,20 +14,24 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 
-from alchemist.ratings import read_ratings, write_table
+from alchemist.cli import ArgumentParser, non_negative_int, user_errors
+from alchemist.ratings import read_ratings, table_format, write_table
 from alchemist.selection import STRATEGIES, parse_retention, prune_table, rank_histogram, resolve_params
+from alchemist.utils.io import check_writable
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratings", required=True, help="ratings table (.csv / .parquet)")
     ap.add_argument("--out", required=True, help="subset table to write (.csv / .parquet)")
     ap.add_argument("--strategy", default="shift_gsample", choices=STRATEGIES)
     ap.add_argument("--retention", required=True, type=parse_retention)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--mu", type=float, help="gsample / shift_gsample: Gaussian centre (rank fraction)")
     ap.add_argument("--sigma", type=float, help="gsample / shift_gsample: Gaussian width (rank fraction)")
     ap.add_argument("--shift", type=float, help="shift_gsample: discard ranks below this fraction")
@@ -37,13 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     params = {k: getattr(args, k) for k in ("mu", "sigma", "shift", "tail", "start") if getattr(args, k) is not None}
-    try:
-        ratings = read_ratings(args.ratings)
-        subset = prune_table(ratings, args.strategy, args.retention, args.seed, keep_scores=True, **params)
-        used = resolve_params(args.strategy, len(ratings), args.retention, ratings["score"].to_numpy(), **params)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    table_format(args.out)  # a bad extension or a read-only folder fails before the pruning
+    check_writable(Path(args.out).resolve().parent)
+    ratings = read_ratings(args.ratings)
+    subset = prune_table(ratings, args.strategy, args.retention, args.seed, keep_scores=True, **params)
+    used = resolve_params(args.strategy, len(ratings), args.retention, ratings["score"].to_numpy(), **params)
     n, k = len(ratings), len(subset)
     hist = rank_histogram(subset["rank"].to_numpy(), n)
     if not args.keep_scores:

@@ -9,26 +9,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alchemist.config import ConfigError
-from alchemist.data.pairs import DataError
+from alchemist.cli import ArgumentParser, non_negative_int, user_errors
 from alchemist.evaluation.samples import sample_grid
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="run folder (latest checkpoint) or a checkpoint file")
     ap.add_argument("--csv", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--n", type=int, default=8, help="captions (rows)")
     ap.add_argument("--k", type=int, default=4, help="samples per caption")
     ap.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the run's model.cfg)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     args = ap.parse_args(argv)
-    try:
-        out = sample_grid(args.run, args.csv, args.out, n=args.n, k=args.k, cfg_scale=args.cfg, seed=args.seed)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = sample_grid(args.run, args.csv, args.out, n=args.n, k=args.k, cfg_scale=args.cfg, seed=args.seed)
     print(f"wrote {out}")
     return 0
 

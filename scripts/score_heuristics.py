@@ -16,14 +16,17 @@ from pathlib import Path
 
 import torch
 
+from alchemist.cli import ArgumentParser, user_errors
 from alchemist.config import DataConfig
-from alchemist.data.pairs import DataError, SkipLog, load_pairs
+from alchemist.data.pairs import SkipLog, load_pairs
 from alchemist.heuristics import HEURISTICS, make_scorer, rate_pairs
-from alchemist.ratings import write_ratings
+from alchemist.ratings import table_format, write_ratings
+from alchemist.utils.io import check_writable
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--csv", required=True, help="pairs table (.csv / .parquet) with id, image path, caption")
     ap.add_argument("--out", required=True, help="ratings table to write (.csv / .parquet)")
     ap.add_argument("--heuristic", required=True, choices=HEURISTICS)
@@ -36,13 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flip", action="store_true", help="reverse the heuristic's better direction")
     args = ap.parse_args(argv)
 
+    table_format(args.out)  # a bad extension or a read-only folder fails before the scoring
+    check_writable(Path(args.out).resolve().parent)
     skip_log = SkipLog()
-    try:
-        scorer = make_scorer(args.heuristic, args.clip_path, args.mlp_path, args.device)
-        table = load_pairs(args.csv, DataConfig(image_size=args.image_size), skip_log)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    scorer = make_scorer(args.heuristic, args.clip_path, args.mlp_path, args.device)
+    table = load_pairs(args.csv, DataConfig(image_size=args.image_size), skip_log)
     ratings, skipped = rate_pairs(table, args.heuristic, scorer, args.image_size, args.bs, args.workers, args.flip)
     skip_log.extend(skipped)
     write_ratings(ratings, args.out)

@@ -18,5 +18,9 @@ def run(cfg: T2IConfig) -> dict:
     return train_t2i(cfg)
 
 
+def main(argv: list[str] | None = None) -> int:
+    return config_main(__doc__, T2IConfig, "configs/demo_t2i.json", run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(config_main(__doc__, T2IConfig, "configs/demo_t2i.json", run))
+    sys.exit(main())

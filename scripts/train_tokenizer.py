@@ -9,19 +9,24 @@ The checkpoint stores its constructor config, so `load_vqvae(out)` needs no argu
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
+from alchemist.cli import ArgumentParser, UsageError, non_negative_int, user_errors
 from alchemist.models.vqvae import VQVAE
 from alchemist.tokenizer_training import reconstruction_mse, train_vqvae_on_pairs
+from alchemist.utils.io import check_writable
 
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(t) for t in text.split(","))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@user_errors
+def main(argv: list[str] | None = None) -> int:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--csv", required=True, help="pairs table with an image path column")
     ap.add_argument("--val-csv", default="", help="held-out pairs table: report its reconstruction MSE at the end")
     ap.add_argument("--out", required=True, help="checkpoint file to write (metrics go to <out>.jsonl)")
@@ -39,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-restart", action="store_true", help="disable dead-code restart")
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -47,8 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
                   num_res_blocks=args.num_res_blocks, patch_nums=args.patch_nums)
     size = args.image_size or model.image_size
     if size != model.image_size:
-        ap.error(f"--image-size {size} does not fit the tokenizer: patch_nums[-1] x 2^(len(ch_mult)-1) = "
-                 f"{model.image_size}; change --image-size, --patch-nums or --ch-mult")
+        raise UsageError(f"--image-size {size} does not fit the tokenizer: patch_nums[-1] x 2^(len(ch_mult)-1) = "
+                         f"{model.image_size}; change --image-size, --patch-nums or --ch-mult")
+    check_writable(Path(args.out).resolve().parent)
     stats = train_vqvae_on_pairs(model, args.csv, args.steps, bs=args.bs, lr=args.lr, out_path=args.out,
                                  workers=args.workers, seed=args.seed, device=args.device, recon=args.recon,
                                  restart_dead=not args.no_restart)
@@ -58,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.val_csv:
         stats["val_mse"] = reconstruction_mse(model, args.val_csv, device=args.device)
         print(f"held-out reconstruction MSE {stats['val_mse']:.4f} ({args.val_csv})")
-    return stats
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

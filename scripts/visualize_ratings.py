@@ -13,18 +13,21 @@ import argparse
 import sys
 from pathlib import Path
 
+from alchemist.cli import ArgumentParser, non_negative_int, user_errors
 from alchemist.plots import plot_rank_bands, plot_selection
 from alchemist.ratings import read_ratings
 from alchemist.selection import STRATEGIES, parse_retention
+from alchemist.utils.io import check_writable
 
 
+@user_errors
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratings", required=True)
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--strategy", default="shift_gsample", choices=STRATEGIES)
     ap.add_argument("--retention", type=parse_retention, default=0.5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--mu", type=float)
     ap.add_argument("--sigma", type=float)
     ap.add_argument("--shift", type=float)
@@ -36,16 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     params = {k: getattr(args, k) for k in ("mu", "sigma", "shift", "start") if getattr(args, k) is not None}
-    try:
-        ratings = read_ratings(args.ratings)
-        out = Path(args.out_dir)
-        sel = plot_selection(ratings, args.strategy, args.retention, out / f"selection_{args.strategy}.png",
-                             args.seed, **params)
-        bands = plot_rank_bands(ratings, out / "rank_bands.png", args.k, args.bands, args.seed, args.image_col,
-                                args.caption_col, base_dir=Path(args.ratings).resolve().parent)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = check_writable(args.out_dir)
+    ratings = read_ratings(args.ratings)
+    sel = plot_selection(ratings, args.strategy, args.retention, out / f"selection_{args.strategy}.png",
+                         args.seed, **params)
+    bands = plot_rank_bands(ratings, out / "rank_bands.png", args.k, args.bands, args.seed, args.image_col,
+                            args.caption_col, base_dir=Path(args.ratings).resolve().parent)
     print(f"wrote {sel} and {bands}")
     return 0
 

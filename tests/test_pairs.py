@@ -7,10 +7,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 
 from alchemist.config import DataConfig
-from alchemist.data.pairs import (DataError, drops_caption, PairsDataset, SkipLog, collate_pairs, load_pairs,
-                                  preprocess_image)
+from alchemist.data.pairs import (BACKGROUND, DataError, PairsDataset, SkipLog, collate_pairs, drops_caption,
+                                  check_images, load_image, load_pairs, preprocess_image, to_rgb)
 
 CFG = DataConfig(image_size=16, caption_dropout=0.0, num_workers=0)
+NO_CHECK = DataConfig(image_size=16, caption_dropout=0.0, num_workers=0, check_images=False)
 
 
 def _save(path, colour=(200, 30, 30), size=(20, 20), fmt=None):
@@ -46,9 +47,9 @@ def table_dir(tmp_path):
 
 def test_load_pairs_keeps_good_rows_and_records_skips(table_dir, tmp_path):
     skips = SkipLog()
-    df = load_pairs(table_dir / "pairs.csv", CFG, skips)
+    df = load_pairs(table_dir / "pairs.csv", NO_CHECK, skips)
     assert list(df.columns) == ["id", "image_path", "caption", "score"]
-    assert df["id"].tolist() == ["a", "b", "c"]  # the truncated one is only found at decode time
+    assert df["id"].tolist() == ["a", "b", "c"]  # without the pre-pass the truncated one is found at decode time
     assert df["image_path"].tolist() == [str((table_dir / "imgs" / n).resolve()) for n in ("a.png", "b.png", "c.jpg")]
     assert df["score"].tolist() == [1.5, 2.5, 3.5]
     assert skips.items == [("d", "missing file"), ("e", "empty caption")]
@@ -58,19 +59,52 @@ def test_load_pairs_keeps_good_rows_and_records_skips(table_dir, tmp_path):
     assert out.read_text() == "id,reason\nd,missing file\ne,empty caption\n"
 
 
+def test_the_pre_pass_lists_unreadable_images_when_the_table_is_read(table_dir):
+    """data.check_images (the default): the truncated JPEG is skipped before any batch, with the
+    reason decoding it gives."""
+    skips = SkipLog()
+    assert load_pairs(table_dir / "pairs.csv", CFG, skips)["id"].tolist() == ["a", "b"]
+    assert [i for i, _ in skips.items] == ["c", "d", "e"]
+    reason = dict(skips.items)["c"]
+    assert reason.startswith("unreadable image: OSError: image file is truncated")
+    decoded = PairsDataset(load_pairs(table_dir / "pairs.csv", NO_CHECK), 16)[2]["error"]
+    assert decoded.split(" (")[0] == reason.split(" (")[0]  # the byte count may differ
+
+
+def test_image_check_catches_each_bad_kind_in_order_on_threads(tmp_path):
+    _save(tmp_path / "ok.png")
+    _truncated_jpeg(tmp_path / "cut.jpg")
+    Image.fromarray(RNG.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    png = (tmp_path / "noise.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    (tmp_path / "flip.png").write_bytes(png[:20] + bytes([png[20] ^ 0xFF]) + png[21:])  # IHDR CRC no longer matches
+    (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "dir.png").mkdir()
+    names = ["ok.png", "cut.jpg", "cut.png", "flip.png", "text.png", "empty.png", "dir.png", "gone.png"]
+    paths = [str(tmp_path / n) for n in names]
+    got = check_images(paths)
+    assert got[0] == "" and got[6:] == ["not a file", "missing file"]
+    assert all(r.startswith("unreadable image: ") for r in got[1:6]), got
+    for p, r in zip(paths[1:6], got[1:6]):  # each really fails to decode
+        with pytest.raises(Exception):
+            load_image(p, 8)
+    assert check_images(paths * 40, workers=3, chunk=7) == got * 40
+
+
 def test_csv_text_that_reads_like_a_missing_value_is_kept(table_dir, tmp_path):
     """An id or caption "NA", "None" or "null" is text, not a missing value (an empty caption still is)."""
     src = pd.read_csv(table_dir / "pairs.csv", keep_default_na=False)
     src = src.assign(id=["NA", "None", "c", "d", "e"], caption=["NA", "null", "broken", "missing", ""])
     src.to_csv(table_dir / "na.csv", index=False)
     skips = SkipLog()
-    df = load_pairs(table_dir / "na.csv", CFG, skips)
+    df = load_pairs(table_dir / "na.csv", NO_CHECK, skips)
     assert df["id"].tolist() == ["NA", "None", "c"] and df["caption"].tolist() == ["NA", "null", "broken"]
     assert skips.items == [("d", "missing file"), ("e", "empty caption")]
 
 
 def test_dataset_reports_truncated_image_instead_of_raising(table_dir):
-    ds = PairsDataset(load_pairs(table_dir / "pairs.csv", CFG), image_size=16)
+    ds = PairsDataset(load_pairs(table_dir / "pairs.csv", NO_CHECK), image_size=16)
     bad = ds[2]
     assert bad["img_3HW"] is None and bad["error"].startswith("unreadable image: ")
     assert "truncated" in bad["error"]
@@ -107,7 +141,7 @@ def test_duplicate_ids_are_rejected_and_missing_ids_generated(table_dir, tmp_pat
     with pytest.raises(DataError, match="id 'a' appears 2 times"):
         load_pairs(tmp_path / "dup.csv", CFG)
     df.drop(columns=["id"]).to_csv(table_dir / "noid.csv", index=False)
-    assert load_pairs(table_dir / "noid.csv", CFG)["id"].tolist() == ["row00000000", "row00000001", "row00000002"]
+    assert load_pairs(table_dir / "noid.csv", NO_CHECK)["id"].tolist() == ["row00000000", "row00000001", "row00000002"]
 
 
 def test_parquet_gives_the_same_table_as_csv(table_dir):
@@ -197,3 +231,121 @@ def test_workers_and_distributed_sharding(tmp_path):
         got = [c for batch in loader for c in batch["captions"]]
         assert got == [ds[i]["caption"] for i in range(len(ds))]
     assert 0 < sum(c == "" for c in got) < 24
+
+
+# ----------------------------------------------------------------------------- odd image modes vs numpy references
+def _decoded(path, side):
+    """load_image at the image's own (square) side, back to HxWx3 uint8: crop and resize are then identities."""
+    x_3HW = load_image(str(path), side)
+    return ((x_3HW + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+def _grey3(a_HW):
+    return np.repeat(a_HW[..., None], 3, axis=2)
+
+
+def _over_white(rgb_HW3, alpha_HW):
+    """Reference alpha compositing over the documented white background, in float64."""
+    a = alpha_HW[..., None].astype(np.float64) / 255
+    return np.round(rgb_HW3.astype(np.float64) * a + 255 * (1 - a)).astype(np.uint8)
+
+
+RNG = np.random.default_rng(7)
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    a16 = RNG.integers(0, 65536, (12, 12), dtype=np.uint16)
+    a16[0, :3] = (0, 65535, 32768)
+    Image.fromarray(a16).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    ref = _grey3(np.round(a16 / 257.0).astype(np.uint8))  # 65535 -> 255
+    got = _decoded(tmp_path / "g16.png", 12)
+    np.testing.assert_array_equal(got, ref)
+    assert got.mean() < 200  # PIL's own conversion clipped nearly every pixel to 255
+    assert tuple(got[0, :3, 0]) == (0, 255, 128)
+    # a 32-bit "I" image holding 16-bit values (how some readers give 16-bit grey)
+    as_i = to_rgb(Image.fromarray(a16.astype(np.int32), "I"))
+    np.testing.assert_array_equal(np.asarray(as_i), ref)
+
+
+@pytest.mark.parametrize("orientation,undo", [(2, lambda a: a[:, ::-1]), (3, lambda a: a[::-1, ::-1]),
+                                              (6, lambda a: np.rot90(a, k=-1)), (8, lambda a: np.rot90(a, k=1))])
+def test_exif_orientation_is_applied(tmp_path, orientation, undo):
+    """A 12 wide x 8 high image stored sideways; the decode must show it upright (then centre-cropped)."""
+    stored = RNG.integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "o.png", exif=exif)
+    upright = undo(stored)
+    h, w = upright.shape[:2]
+    side = min(h, w)
+    ref = upright[(h - side) // 2:(h - side) // 2 + side, (w - side) // 2:(w - side) // 2 + side]
+    np.testing.assert_array_equal(_decoded(tmp_path / "o.png", side), ref)
+
+
+def test_exif_orientation_of_a_jpeg(tmp_path):
+    stored = RNG.integers(0, 256, (8, 16, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "o.jpg", quality=95, exif=exif)
+    with Image.open(tmp_path / "o.jpg") as raw:  # the stored pixels as the JPEG decoder gives them
+        raw_HW3 = np.asarray(raw.convert("RGB"))
+    upright = np.rot90(raw_HW3, k=-1)  # 8 wide x 16 high
+    np.testing.assert_array_equal(_decoded(tmp_path / "o.jpg", 8), upright[4:12])
+
+
+def test_alpha_is_composited_over_white(tmp_path):
+    rgb = RNG.integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    alpha = RNG.integers(0, 256, (10, 10), dtype=np.uint8)
+    alpha[0, 0], alpha[0, 1] = 0, 255
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    got = _decoded(tmp_path / "rgba.png", 10)
+    np.testing.assert_array_equal(got, _over_white(rgb, alpha))
+    assert tuple(got[0, 0]) == (255, 255, 255) and tuple(got[0, 1]) == tuple(rgb[0, 1])
+    assert BACKGROUND == (255, 255, 255)
+
+    grey = RNG.integers(0, 256, (10, 10), dtype=np.uint8)
+    Image.fromarray(np.dstack([grey, alpha]), "LA").save(tmp_path / "la.png")
+    np.testing.assert_array_equal(_decoded(tmp_path / "la.png", 10), _over_white(_grey3(grey), alpha))
+
+
+def test_palette_with_and_without_transparency(tmp_path):
+    palette = RNG.integers(0, 256, (4, 3), dtype=np.uint8)
+    idx = RNG.integers(0, 4, (10, 10), dtype=np.uint8)
+    idx[0, 0] = 2
+    img = Image.fromarray(idx, "P")
+    img.putpalette(palette.reshape(-1).tolist())
+    img.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(_decoded(tmp_path / "p.png", 10), palette[idx])
+    img.save(tmp_path / "pt.png", transparency=2)  # palette entry 2 is fully transparent
+    ref = np.where((idx == 2)[..., None], np.uint8(255), palette[idx])
+    got = _decoded(tmp_path / "pt.png", 10)
+    np.testing.assert_array_equal(got, ref)
+    assert tuple(got[0, 0]) == (255, 255, 255)
+
+
+def test_grey_one_bit_and_cmyk(tmp_path):
+    grey = RNG.integers(0, 256, (10, 10), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(tmp_path / "l.png")
+    np.testing.assert_array_equal(_decoded(tmp_path / "l.png", 10), _grey3(grey))
+    bits = RNG.integers(0, 2, (10, 10)).astype(bool)
+    Image.fromarray(bits).save(tmp_path / "b.png")
+    np.testing.assert_array_equal(_decoded(tmp_path / "b.png", 10), _grey3(bits.astype(np.uint8) * 255))
+    cmyk = RNG.integers(0, 256, (10, 10, 4), dtype=np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "c.tif")
+    k = cmyk[..., 3:].astype(np.float64)
+    ref = np.round((255 - cmyk[..., :3].astype(np.float64)) * (255 - k) / 255).astype(np.uint8)
+    np.testing.assert_array_equal(_decoded(tmp_path / "c.tif", 10), ref)
+
+
+def test_a_directory_is_not_a_file_and_a_missing_path_is_missing(tmp_path):
+    _save(tmp_path / "ok.png")
+    (tmp_path / "folder.png").mkdir()
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "gone.png")
+    pd.DataFrame({"id": ["ok", "dir", "gone", "link", "nopath"],
+                  "image_path": ["ok.png", "folder.png", "gone.png", "dangling.png", ""],
+                  "caption": ["c"] * 5}).to_csv(tmp_path / "t.csv", index=False)
+    skips = SkipLog()
+    assert load_pairs(tmp_path / "t.csv", CFG, skips)["id"].tolist() == ["ok"]
+    assert skips.items == [("dir", "not a file"), ("gone", "missing file"), ("link", "missing file"),
+                           ("nopath", "missing file")]

@@ -42,7 +42,8 @@ def setup(tmp_path_factory):
     torch.save({"state_dict": VQVAE(**kw).state_dict(), "config": kw}, root / "tok.pt")
     over = {"image_size": 16, "num_workers": 0, "patch_size": 4, "patch_nums": "1,2,4", "vocab_size": 32, "Cvae": 8,
             "vae_ch": 32, "vae_ch_mult": "1,2,2", "ckpt_path": str(root), "vae_ckpt": "tok.pt", "text_enc_path": "",
-            "text_max_len": 16, "depth": 1, "raterDepth": 1, "fp16": 0, "train_csv_path": "/elsewhere/train.csv"}
+            "text_max_len": 16, "depth": 1, "raterDepth": 1, "fp16": 0, "train_csv_path": "/elsewhere/train.csv",
+            "check_images": False}  # no pre-pass: the unreadable image is found, and reported, by the scoring pass
     cfg = load_config(RaterConfig, ROOT / "configs/config_rater.json", over)
     text = build_text_encoder(cfg.model, CPU)
     rater = build_rater(cfg.model, text.width, CPU)
@@ -78,7 +79,7 @@ def test_load_rater_from_run_dir_or_file_and_clear_errors(setup, tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         load_rater(tmp_path, CPU)
     (tmp_path / "junk.pt").write_text("hello")
-    with pytest.raises(ValueError, match="could not read"):
+    with pytest.raises(ValueError, match="not a readable rater checkpoint"):
         load_rater(tmp_path / "junk.pt", CPU)
 
 
@@ -189,3 +190,17 @@ def test_cli_user_errors_are_one_line_exit_2(setup, tmp_path, capsys):
         assert infer_rater.main(base + argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and msg in err and "\n" not in err
+
+
+def test_a_rerun_removes_the_temp_files_of_killed_writes(setup, tmp_path):
+    out = tmp_path / "ratings.parquet"
+    shards = shards_dir(out)
+    shards.mkdir()
+    stale = [shards / ".shard_00001.parquet.k3j9x0q_.tmp", tmp_path / ".ratings.parquet.0123abcd.tmp",
+             tmp_path / ".ratings.skipped.csv.zzzzzzzz.tmp"]
+    other = tmp_path / ".notes.txt.0123abcd.tmp"  # not this job's: left alone
+    for p in stale + [other]:
+        p.write_bytes(b"half")
+    _score(setup, out)
+    assert not any(p.exists() for p in stale) and other.exists()
+    assert not list(shards.glob("*.tmp"))

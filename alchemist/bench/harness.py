@@ -31,6 +31,7 @@ from alchemist.config import RaterConfig
 from alchemist.data.sampler import ResumableSampler, Stream
 from alchemist.data.tokens import Featurizer
 from alchemist.runtime import setup_runtime
+from alchemist.utils.errors import UserError
 
 
 def _sync(device: torch.device) -> None:
@@ -165,7 +166,7 @@ def run_benchmark(preset: Preset | str, rules: Sequence[str] = RULES, modes: Seq
     warmup = preset.warmup if warmup is None else warmup
     bad = [r for r in rules if r not in RULES] + [m for m in modes if m not in MODES]
     if bad:
-        raise ValueError(f"unknown rule or mode {bad}: rules are {', '.join(RULES)}, modes {', '.join(MODES)}")
+        raise UserError(f"unknown rule or mode {bad}: rules are {', '.join(RULES)}, modes {', '.join(MODES)}")
     with tempfile.TemporaryDirectory(prefix="alchemist_bench_") as tmp:
         cfg = bench_config(preset, tmp, overrides)
         log(f"building {preset.name} models ...")

@@ -226,7 +226,7 @@ def update_jacobian(opt: torch.optim.Optimizer, params: list[torch.Tensor], grad
             out.append(torch.full_like(p, group["lr"] if g is not None else 0.0))
             continue
         if not isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)) or group.get("amsgrad"):
-            raise ValueError("the lookahead rule needs the proxy optimiser to be SGD without momentum, Adam or AdamW "
+            raise ConfigError("the lookahead rule needs the proxy optimiser to be SGD without momentum, Adam or AdamW "
                              f"(no amsgrad); got {type(opt).__name__}")
         if g is None or not state:
             out.append(torch.zeros_like(p))

@@ -9,11 +9,17 @@ from alchemist.build import build_proxy, build_rater, build_text_encoder, build_
 from alchemist.config import ConfigError, RaterConfig
 from alchemist.data.pairs import SkipLog, load_pairs
 from alchemist.data.tokens import Featurizer
-from alchemist.runtime import make_stream, setup_runtime
+from alchemist.runtime import make_stream, resume_checkpoint, setup_runtime
+from alchemist.utils.io import check_writable
+from alchemist.utils.metrics import check_wandb
 
 
 def train_rater(cfg: RaterConfig) -> dict[str, Any]:
-    estimator_class(cfg.bilevel.estimator)  # an unknown rule fails before any data is read
+    # an unknown rule, a missing wandb key or a read-only output fails before any data is read
+    estimator_class(cfg.bilevel.estimator)
+    check_wandb(cfg.logging)
+    check_writable(cfg.output.run_dir)
+    resumed = resume_checkpoint(cfg.output)  # a bad or damaged checkpoint fails now too
     rt = setup_runtime(cfg.optim.bs, cfg.seed)
     skip_log = SkipLog()
     val_table = load_pairs(cfg.data.val_csv_path, cfg.data, skip_log)
@@ -32,4 +38,4 @@ def train_rater(cfg: RaterConfig) -> dict[str, Any]:
 
     trainer = BilevelTrainer(cfg, proxy, rater, Featurizer(vqvae, text_encoder, rt.device), val, train, rt.device,
                              is_main=rt.is_main, on_skipped=skip_log.extend)
-    return trainer.run(skip_log, rt.rank, rt.world)
+    return trainer.run(skip_log, rt.rank, rt.world, resumed)

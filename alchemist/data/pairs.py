@@ -8,19 +8,22 @@ recorded with its reason in a :class:`SkipLog`, which callers write out as ``ski
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import csv
 import logging
 import os
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from alchemist.config import DataConfig
+from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_open
 
 log = logging.getLogger(__name__)
@@ -29,20 +32,49 @@ CANONICAL_COLUMNS = ("id", "image_path", "caption")
 IMAGE_COLUMN_CANDIDATES = ("image_save_path", "image_path")  # used in this order when image_col == ""
 SKIP_EMPTY_CAPTION = "empty caption"
 SKIP_MISSING_FILE = "missing file"
+SKIP_NOT_A_FILE = "not a file"  # a directory or another non-regular path
+SKIP_UNREADABLE = "unreadable image"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A user-fixable problem with the data; the message names the thing and the fix."""
 
 
 # ----------------------------------------------------------------------------- images
+# Transparent pixels are composited over this colour: white, as a viewer shows them on a blank page
+# (dropping the alpha channel would instead show whatever colour the encoder left under it).
+BACKGROUND = (255, 255, 255)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how some readers give 16-bit grey
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded image as 8-bit RGB, so that every mode reads as it looks.
+
+    16-bit grey is scaled to 8 bits (PIL's own conversion clips it, which turns almost every
+    pixel white); alpha (RGBA, LA, PA, a palette or colour key with transparency) is composited
+    over ``BACKGROUND``; grey, 1-bit, palette and CMYK go through PIL's conversion (CMYK as
+    ``(255 - c) * (255 - k) / 255``).
+    """
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(img).astype(np.int64).clip(0, 65535)
+        return Image.fromarray(((grey * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.int64)
+        alpha = rgba[..., 3:]
+        bg = np.asarray(BACKGROUND, dtype=np.int64)
+        # round(rgb * a / 255 + bg * (1 - a / 255)) in integers (a tie is impossible: 255 is odd)
+        out = (rgba[..., :3] * alpha + bg * (255 - alpha) + 127) // 255
+        return Image.fromarray(out.astype(np.uint8), "RGB")
+    return img.convert("RGB")
+
+
 def preprocess_image(img: Image.Image, size: int) -> torch.Tensor:
-    """RGB, centre crop to a square, LANCZOS resize to ``size``, float 3HW in [-1, 1].
+    """RGB (``to_rgb``), centre crop to a square, LANCZOS resize to ``size``, float 3HW in [-1, 1].
 
     Crop first, then resize: ``resize(box=...)`` would be cheaper but lets the LANCZOS kernel
     read pixels outside the box, leaking the cropped-away border into the edges.
     """
-    img = img.convert("RGB")
+    img = to_rgb(img)
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
@@ -52,14 +84,59 @@ def preprocess_image(img: Image.Image, size: int) -> torch.Tensor:
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
-    """Decode and preprocess one file; raises whatever PIL raises for a broken file.
+    """Decode one file upright (its EXIF orientation applied) and preprocess it; raises whatever
+    PIL raises for a broken file.
 
     PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left at its default (False) so that a truncated
     file fails in ``load()`` instead of silently coming back with grey rows.
     """
     with Image.open(path) as img:
         img.load()
+        ImageOps.exif_transpose(img, in_place=True)
         return preprocess_image(img, size)
+
+
+def unreadable(e: BaseException) -> str:
+    """The skip reason for an image PIL could not open or decode: the error's type and first line."""
+    msg = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{SKIP_UNREADABLE}: {type(e).__name__}" + (f": {msg}" if msg else "")
+
+
+def path_problem(path: str) -> str:
+    """"missing file" (no path, nothing there, a broken link), "not a file" (a directory, a device)
+    or "" for a regular file."""
+    if not (path and os.path.exists(path)):
+        return SKIP_MISSING_FILE
+    return "" if os.path.isfile(path) else SKIP_NOT_A_FILE
+
+
+def image_problem(path: str) -> str:
+    """Why the image at ``path`` cannot be used ("" when it can): the pre-pass of ``load_pairs``.
+
+    It fails where ``load_image`` would, with the same reason: the image is decoded (a JPEG at
+    1/8 scale, which reads the same compressed data, in about half the time) and its EXIF block
+    parsed. PIL's ``verify`` alone would be cheaper but passes truncated JPEGs.
+    """
+    problem = path_problem(path)
+    if problem:
+        return problem
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (1, 1))  # JPEG only: decode at the smallest DCT scale (same entropy data)
+            img.load()
+            img.getexif()
+    except Exception as e:  # a corrupt file can raise nearly anything (OSError, SyntaxError, zlib.error, ...)
+        return unreadable(e)
+    return ""
+
+
+def check_images(paths: Sequence[str], workers: int = 0, chunk: int = 256) -> list[str]:
+    """``image_problem`` of every path, in order, on ``workers`` threads (decoding releases the GIL)."""
+    if workers <= 1 or len(paths) <= chunk:
+        return [image_problem(p) for p in paths]
+    chunks = [paths[i:i + chunk] for i in range(0, len(paths), chunk)]
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return [r for part in pool.map(lambda ps: [image_problem(p) for p in ps], chunks) for r in part]
 
 
 # ----------------------------------------------------------------------------- skip log
@@ -85,6 +162,12 @@ class SkipLog:
     @property
     def count(self) -> int:
         return len(self.items)
+
+    def read(self, path: str | os.PathLike) -> SkipLog:
+        """Add the rows of an earlier ``skipped.csv`` (a resumed run keeps what it had listed)."""
+        with open(path, newline="") as f:
+            self.extend((row["id"], row["reason"]) for row in csv.DictReader(f))
+        return self
 
     def write(self, path: str | os.PathLike) -> Path:
         """CSV with columns ``id,reason`` (header only when nothing was skipped), atomically."""
@@ -174,9 +257,11 @@ def load_pairs(path: str | os.PathLike, cfg: DataConfig, skip_log: SkipLog | Non
     input column unchanged and in input order. An input column that has a canonical name is
     replaced by the canonical value (e.g. a relative ``image_path`` becomes absolute, ``caption``
     becomes the re-caption where one is used). Relative image paths resolve against the table's
-    folder. Rows with an empty caption or a missing image file are dropped and recorded in
-    ``skip_log`` (and counted in a log line either way). Decoding is left to :class:`PairsDataset`,
-    so unreadable images are skipped at batch time.
+    folder. Rows with an empty caption, a missing image file or a path that is not a file (a
+    directory) are dropped and recorded in ``skip_log`` (and counted in a log line either way); so,
+    with ``cfg.check_images`` (the default), is every image that fails ``image_problem``'s pre-pass,
+    so that the bad rows are known, and listed, before any training step. Without it, an
+    unreadable image is found when :class:`PairsDataset` decodes it and skipped at batch time.
     """
     path = Path(path)
     df = _read_table(path, [c for c in (cfg.id_col, cfg.image_col, *IMAGE_COLUMN_CANDIDATES,
@@ -190,14 +275,18 @@ def load_pairs(path: str | os.PathLike, cfg: DataConfig, skip_log: SkipLog | Non
     no_path = _is_empty(rel)
     image_paths = [("" if missing else os.path.normpath(base / str(p))) for p, missing in zip(rel, no_path)]
     empty_caption = _is_empty(captions)
-    missing_file = np.array([not (p and os.path.isfile(p)) for p in image_paths], dtype=bool)
-
-    reasons = np.where(empty_caption, SKIP_EMPTY_CAPTION, np.where(missing_file, SKIP_MISSING_FILE, ""))
+    reasons = np.array([SKIP_EMPTY_CAPTION if no_caption else path_problem(p)
+                        for p, no_caption in zip(image_paths, empty_caption)], dtype=object)
+    if cfg.check_images:
+        todo = np.flatnonzero(reasons == "")
+        t0 = time.perf_counter()
+        reasons[todo] = check_images([image_paths[i] for i in todo], cfg.num_workers)
+        log.info("%s: checked %d images in %.1fs", path, len(todo), time.perf_counter() - t0)
     bad = reasons != ""
     skipped = list(zip(ids[bad], reasons[bad]))
     if skip_log is not None:
         skip_log.extend(skipped)
-    counts = collections.Counter(r for _, r in skipped)
+    counts = collections.Counter(r.split(":")[0] for _, r in skipped)
     detail = ", ".join(f"{n} {r}" for r, n in counts.most_common())
     if skipped:
         log.warning("%s: skipped %d of %d rows (%s)", path, len(skipped), len(df), detail)
@@ -260,8 +349,7 @@ class PairsDataset(torch.utils.data.Dataset):
         try:
             item["img_3HW"] = load_image(self.paths[i].as_py(), self.image_size)
         except Exception as e:  # a corrupt file can raise nearly anything (OSError, SyntaxError, zlib.error, ...)
-            msg = str(e).splitlines()[0][:200] if str(e) else ""
-            item["error"] = f"unreadable image: {type(e).__name__}" + (f": {msg}" if msg else "")
+            item["error"] = unreadable(e)
         return item
 
 

@@ -22,6 +22,7 @@ from scipy import linalg
 
 from alchemist.heuristics import ClipScorer
 from alchemist.utils.dist import is_dist
+from alchemist.utils.errors import UserError
 
 
 @torch.no_grad()
@@ -67,7 +68,7 @@ def gaussian_stats(feats_NF) -> tuple[np.ndarray, np.ndarray]:
     """Mean and (unbiased) covariance of N feature rows, in float64."""
     x = np.asarray(feats_NF.detach().cpu() if isinstance(feats_NF, torch.Tensor) else feats_NF, np.float64)
     if x.ndim != 2 or len(x) < 2:
-        raise ValueError(f"Fréchet distance needs at least 2 feature rows (N, F), got shape {x.shape}")
+        raise UserError(f"Fréchet distance needs at least 2 feature rows (N, F), got shape {x.shape}")
     return x.mean(0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
 
 
@@ -121,12 +122,12 @@ class InceptionFeatures:
 
 def _load_into(model: torch.nn.Module | None, path: Path) -> torch.nn.Module:
     if model is None:
-        raise ValueError(f"{str(path)!r} is not a TorchScript file; a state dict needs the module it belongs to "
+        raise UserError(f"{str(path)!r} is not a TorchScript file; a state dict needs the module it belongs to "
                          "(InceptionFeatures(path, model=...))")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign or broken file can fail in zip, pickle or tensor code
-        raise ValueError(f"could not read {str(path)!r} as TorchScript or as a state dict "
+        raise UserError(f"could not read {str(path)!r} as TorchScript or as a state dict "
                          f"({type(e).__name__}); pass an Inception feature extractor file") from None
     model.load_state_dict(state)
     return model
@@ -169,7 +170,7 @@ def heldout_token_loss(proxy, featurize: Callable[[dict], object], loader: Itera
         torch.distributed.all_reduce(t)
         total, n = float(t[0]), int(t[1])
     if n == 0:
-        raise ValueError("held-out loader yielded no usable batch")
+        raise UserError("held-out loader yielded no usable batch")
     return total / n
 
 
@@ -188,5 +189,5 @@ def generate_for_prompts(proxy, vqvae, text_encoder, captions: Sequence[str], cf
         text = text_encoder(list(captions[start:start + batch_size])).to(device)
         out.append(proxy.generate(vqvae, text, uncond, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed + i).cpu())
     if not out:
-        raise ValueError("generate_for_prompts needs at least one caption")
+        raise UserError("generate_for_prompts needs at least one caption")
     return torch.cat(out)

@@ -15,8 +15,10 @@ from alchemist.data.sampler import Stream
 from alchemist.data.tokens import Featurizer
 from alchemist.evaluation.metrics import heldout_token_loss
 from alchemist.loop import TrainLoop
-from alchemist.runtime import make_stream, setup_runtime
+from alchemist.runtime import make_stream, resume_checkpoint, setup_runtime
 from alchemist.utils.dist import broadcast_params
+from alchemist.utils.io import check_writable
+from alchemist.utils.metrics import check_wandb
 from alchemist.utils.optim import build_optimizer, set_lr
 
 
@@ -57,6 +59,9 @@ class T2ITrainer(TrainLoop):
     def end_of_epoch(self) -> dict[str, float]:
         return self.evaluate()
 
+    def final_summary(self) -> dict[str, Any]:
+        return {"train_rows": self.train.sampler.n}
+
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.opt]
 
@@ -73,6 +78,9 @@ class T2ITrainer(TrainLoop):
 
 def train_t2i(cfg: T2IConfig) -> dict[str, Any]:
     """Train the downstream model on ``data.train_csv_path``; evaluate on ``data.val_csv_path``."""
+    check_wandb(cfg.logging)  # a missing wandb key or a read-only output fails before any data is read
+    check_writable(cfg.output.run_dir)
+    resumed = resume_checkpoint(cfg.output)  # a bad or damaged checkpoint fails now too
     rt = setup_runtime(cfg.optim.bs, cfg.seed)
     skip_log = SkipLog()
     train_table = load_pairs(cfg.data.train_csv_path, cfg.data, skip_log)
@@ -90,6 +98,4 @@ def train_t2i(cfg: T2IConfig) -> dict[str, Any]:
         return {"heldout_loss": heldout_token_loss(proxy, featurize, val.make_loader(val.sampler))}
 
     trainer = T2ITrainer(cfg, proxy, featurize, train, evaluate, rt.device, rt.is_main, skip_log.extend)
-    summary = trainer.run(skip_log, rt.rank, rt.world)
-    summary["train_rows"] = len(train_table)
-    return summary
+    return trainer.run(skip_log, rt.rank, rt.world, resumed)

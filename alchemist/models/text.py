@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from alchemist.batch import TextFeatures
+from alchemist.utils.errors import UserError
 
 _CLIP_TYPES = ("clip", "clip_text_model")
 _T5_TYPES = ("t5", "mt5", "umt5")
@@ -36,6 +37,7 @@ class TextEncoder(nn.Module):
     def __init__(self, path: str = "", max_len: int = 77, device=None):
         super().__init__()
         from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel, T5EncoderModel
+        from transformers.utils import logging as hf_logging
 
         path = path or default_text_encoder_path()
         if not (Path(path) / "config.json").is_file():
@@ -43,10 +45,21 @@ class TextEncoder(nn.Module):
                 f"text encoder {path!r} is not a local Hugging Face model directory (no config.json); "
                 f"set model.text_enc_path to one, or leave it empty for the bundled all-MiniLM-L6-v2")
         self.path, self.max_len = str(Path(path).resolve()), max_len
-        self.kind = self._kind(AutoConfig.from_pretrained(path, local_files_only=True).model_type)
-        model_cls = {"clip": CLIPTextModel, "t5": T5EncoderModel, "bert": AutoModel}[self.kind]
-        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.model = model_cls.from_pretrained(path, local_files_only=True).to(device).eval().requires_grad_(False)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a loading bar per process on stderr says nothing here
+        try:
+            self.kind = self._kind(AutoConfig.from_pretrained(path, local_files_only=True).model_type)
+            model_cls = {"clip": CLIPTextModel, "t5": T5EncoderModel, "bert": AutoModel}[self.kind]
+            self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = model_cls.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:  # transformers' words for missing weights, tokenizer files, bad config
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise UserError(f"text encoder {path!r} (model.text_enc_path) could not be loaded: {first}; it needs "
+                            "the config, tokenizer and weight files of a Hugging Face model") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        self.model = model.to(device).eval().requires_grad_(False)
         self.width: int = self.model.config.hidden_size
 
     @staticmethod

@@ -8,7 +8,7 @@ each scale codes what the coarser scales left over, upsampled to the latent size
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from alchemist.models.vqvae_blocks import Decoder, Encoder
+from alchemist.utils.checkpoint import torch_load
+from alchemist.utils.errors import UserError
 
 
 class Phi(nn.Conv2d):
@@ -190,11 +192,11 @@ class VQVAE(nn.Module):
         super().__init__()
         patch_nums, ch_mult = tuple(int(p) for p in patch_nums), tuple(int(m) for m in ch_mult)
         if len(patch_nums) < 2 or list(patch_nums) != sorted(set(patch_nums)):
-            raise ValueError(f"patch_nums must be at least 2 strictly increasing sizes, got {list(patch_nums)}")
+            raise UserError(f"patch_nums must be at least 2 strictly increasing sizes, got {list(patch_nums)}")
         if ch % 32:
-            raise ValueError(f"ch must be a multiple of 32 (GroupNorm uses 32 groups), got {ch}")
+            raise UserError(f"ch must be a multiple of 32 (GroupNorm uses 32 groups), got {ch}")
         if share_quant_resi < 1:
-            raise ValueError(f"share_quant_resi must be >= 1 (number of φ convs), got {share_quant_resi}")
+            raise UserError(f"share_quant_resi must be >= 1 (number of φ convs), got {share_quant_resi}")
         self.config = dict(vocab_size=vocab_size, z_channels=z_channels, ch=ch, ch_mult=ch_mult,
                            num_res_blocks=num_res_blocks, beta=beta, quant_resi=quant_resi,
                            share_quant_resi=share_quant_resi, patch_nums=patch_nums)
@@ -255,25 +257,42 @@ class VQVAE(nn.Module):
         return out.rec_B3HW, out.vq_loss, out.usages
 
 
+class TokenizerMismatch(UserError):
+    """A stored tokenizer was trained with other settings than the ones asked for."""
+
+    def __init__(self, path: Path, clash: dict[str, tuple[Any, Any]]):
+        self.path, self.clash = path, clash
+        super().__init__(f"tokenizer {str(path)!r} was trained with "
+                         + ", ".join(f"{k}={a}" for k, (a, _) in clash.items()) + " but "
+                         + ", ".join(f"{k}={b}" for k, (_, b) in clash.items()) + " was asked for")
+
+
 def load_vqvae(path: str | Path, **model_kwargs) -> VQVAE:
     """Frozen tokenizer from a local file: VAR's plain state dict, or our {"state_dict", "config"} checkpoint.
 
-    ``model_kwargs`` override the stored config (a plain state dict has none: VAR's defaults apply).
+    ``model_kwargs`` must agree with a stored config (TokenizerMismatch names what differs) and build
+    a plain state dict's model (none stored: VAR's defaults apply). A file that is not a tokenizer
+    checkpoint is a CheckpointError.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer weights not found at {path}; weights are never downloaded: put VAR's "
                                 f"vae_ch160v4096z32.pth there or train one with scripts/train_tokenizer.py")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = torch_load(path, "tokenizer checkpoint", weights_only=True)
     if isinstance(ckpt, dict) and "state_dict" in ckpt:
-        state_dict, kwargs = ckpt["state_dict"], {**ckpt.get("config", {}), **model_kwargs}
+        stored = ckpt.get("config", {})
+        as_tuple = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+        clash = {k: (stored[k], v) for k, v in model_kwargs.items() if k in stored and as_tuple(stored[k]) != as_tuple(v)}
+        if clash:
+            raise TokenizerMismatch(path, clash)
+        state_dict, kwargs = ckpt["state_dict"], {**stored, **model_kwargs}
     else:
         state_dict, kwargs = ckpt, dict(model_kwargs)
     model = VQVAE(**kwargs)
     try:
         model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as e:
+    except (RuntimeError, AttributeError, TypeError) as e:  # wrong shapes or keys; not a state dict at all
         first = (str(e).splitlines()[1:] or [str(e)])[0].strip()[:300]
-        raise ValueError(f"{path} does not fit a VQVAE built with {kwargs or 'the default VAR config'}; pass the "
+        raise UserError(f"{path} does not fit a VQVAE built with {kwargs or 'the default VAR config'}; pass the "
                          f"matching vocab_size / z_channels / ch / ch_mult ({first})") from None
     return model.eval().requires_grad_(False)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from alchemist.models.vqvae import VQVAE
+from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,9 @@ def train_vqvae(model: VQVAE, images: Iterable, steps: int, lr: float = 1e-3, de
     `<out_path>.jsonl`, one line per log window.
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise UserError(f"steps must be >= 1, got {steps}")
     if recon not in ("l1", "l2"):
-        raise ValueError(f"recon must be 'l1' or 'l2', got {recon!r}")
+        raise UserError(f"recon must be 'l1' or 'l2', got {recon!r}")
     recon_fn = F.mse_loss if recon == "l2" else F.l1_loss
     device = torch.device(device)
     model.to(device).train().requires_grad_(True)
@@ -86,7 +87,7 @@ def train_vqvae(model: VQVAE, images: Iterable, steps: int, lr: float = 1e-3, de
     if out_path and out_path.is_file():
         ckpt = torch.load(out_path, map_location="cpu", weights_only=True)
         if ckpt.get("config") != model.config:
-            raise ValueError(f"{out_path} holds a tokenizer with config {ckpt.get('config')}, not {model.config}; "
+            raise UserError(f"{out_path} holds a tokenizer with config {ckpt.get('config')}, not {model.config}; "
                              f"delete it or choose another output path")
         model.load_state_dict(ckpt["state_dict"])
         if "train_state" not in ckpt:

@@ -1,6 +1,8 @@
-"""Atomic, rotating checkpoints and the RNG state needed to resume a run exactly."""
+"""Atomic, rotating checkpoints, reading them back (falling back past a damaged one), and the RNG
+state needed to resume a run exactly."""
 from __future__ import annotations
 
+import logging
 import random
 import re
 from pathlib import Path
@@ -9,9 +11,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_torch_save
 
+log = logging.getLogger(__name__)
+
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+TRAINING_KEYS = ("step", "epoch", "config")
+
+
+class CheckpointError(UserError):
+    """A file that should be a checkpoint but cannot be read as one."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -38,11 +48,48 @@ def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], kee
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
+def torch_load(path: str | Path, what: str = "checkpoint", weights_only: bool = False) -> Any:
+    """``torch.load`` on CPU; a missing file is a FileNotFoundError, a truncated or foreign one a
+    CheckpointError naming the file and ``what`` it should have been."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise CheckpointError(f"{what} {str(path)!r} is not a file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # a truncated or foreign file fails anywhere in the zip reader or unpickler
+        # (RuntimeError, EOFError, OSError EINVAL, UnpicklingError, KeyError, struct.error, ...)
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{str(path)!r} is not a readable {what} ({type(e).__name__}: {first}); "
+                              "it is truncated or another kind of file") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint (``step_*.pt``); CheckpointError if the file is not one."""
+    ckpt = torch_load(path, "training checkpoint")
+    if not (isinstance(ckpt, dict) and all(k in ckpt for k in TRAINING_KEYS)):
+        raise CheckpointError(f"{str(path)!r} is not a training checkpoint (it lacks {', '.join(TRAINING_KEYS)}); "
+                              "pass a checkpoints/step_*.pt file written by a training run")
+    return ckpt
+
+
+def latest_intact_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of a run that loads, with its payload; None when there is none.
+
+    A damaged newer one (truncated by a full disk or a killed copy) is skipped with a warning. When
+    every one is damaged that is a CheckpointError: starting over silently would lose the run.
+    """
+    found = list_checkpoints(run_dir)
+    for path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("skipping a damaged checkpoint: %s", e)
+    if found:
+        raise CheckpointError(f"none of the {len(found)} checkpoints in {str(checkpoint_dir(run_dir))!r} can be read; "
+                              "move them away, or set output.resume=none to start the run over")
+    return None
 
 
 def capture_rng() -> dict[str, Any]:
