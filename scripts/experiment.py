@@ -14,6 +14,9 @@
         sweep (scripts/demo.py sweep): held-out loss and caption gain, mean +- std (<sweep>/downstream.md)
     python scripts/experiment.py signal --run runs/sweep/digits/seed0
         AUROC per planted kind of the lookahead signal at a run's final proxy, beside the rater's
+    python scripts/experiment.py trace --run runs/sweep/digits/seed0 --out runs/trace/d0 [--key=value ...]
+        reruns that run's rater recording the coefficient each step taught it for every pair; per planted
+        kind and span of steps, the mean z-score of the coefficient and of the rater's logit (trace.md)
     python scripts/experiment.py classifier --demo runs/demo/data --out runs/demo/attr_clf.pt
         the attribute classifier that judges GenEval-lite and FID-lite, with its held-out accuracy
 """
@@ -147,8 +150,21 @@ def signal_main(argv: list[str]) -> int:
     return 0
 
 
+def trace_main(argv: list[str]) -> int:
+    from experiments.trace import coefficient_trace
+
+    ap = ArgumentParser(prog="experiment.py trace", description="Rerun a run's rater recording what every "
+                        "step taught it, per planted kind; other --key=value go to the rater config.")
+    ap.add_argument("--run", required=True, help="a demo-layout run folder (data/, tokenizer.pt, rater/)")
+    ap.add_argument("--out", required=True, help="folder for the rerun, trace.parquet and trace.md")
+    ap.add_argument("--spans", type=int, default=4, help="spans of steps the tables average over")
+    args, overrides = ap.parse_known_args(argv)
+    print(coefficient_trace(args.run, args.out, overrides, args.spans))
+    return 0
+
+
 COMMANDS = {"selection": selection_main, "rules": rules_main, "classifier": classifier_main,
-            "downstream": downstream_main, "signal": signal_main}
+            "downstream": downstream_main, "signal": signal_main, "trace": trace_main}
 
 
 @user_errors

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -409,3 +410,18 @@ def test_training_from_feature_cache_matches_raw_images(tiny_setup, monkeypatch)
     (pa, ra, _), (pb, rb, _) = _weights(raw.output.run_dir), _weights(cached.output.run_dir)
     for x, y in ((pa, pb), (ra, rb)):
         assert all(torch.allclose(x[k], y[k], atol=1e-5, rtol=1e-4) for k in x)
+
+
+def test_coefficient_hook_reports_what_each_rater_step_used(tiny_setup):
+    """The diagnostic hook gets, per step, the batch's training ids and the centred coefficients;
+    under penalty those are the pairs' own losses minus the batch mean, so they sum to 0 and differ."""
+    records = []
+    cfg = _cfg(tiny_setup, "hook", estimator="penalty")
+    train_rater(cfg, on_coefficients=records.append)
+    train_ids = set(pd.read_csv(tiny_setup / "data/train.csv", dtype={"id": str})["id"])
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert [r["gamma"] for r in records] == [1.0, 1.0, 0.5, 0.5]
+    for r in records:
+        assert len(r["ids"]) == len(r["a"]) == len(r["logit"]) == 8 and set(r["ids"]) <= train_ids
+        assert abs(float(r["a"].sum())) < 1e-5 and r["a"].std() > 0
+    assert len({i for r in records[:2] for i in r["ids"]}) == 16  # one pass over distinct pairs

@@ -128,3 +128,23 @@ def test_downstream_arms_at_equal_steps(swept):
     g = runs.groupby("arm")
     assert table["heldout_mean"].to_dict() == pytest.approx(g["heldout_loss"].mean().to_dict())
     assert table["heldout_std"].to_dict() == pytest.approx(g["heldout_loss"].std(ddof=1).to_dict())
+
+
+def test_trace_frame_z_scores_and_spans():
+    from experiments.trace import per_span, trace_frame
+
+    records = [{"step": 0, "gamma": 1.0, "ids": ["a", "b", "c"], "a": np.zeros(3), "logit": np.array([1.0, 2, 3])},
+               {"step": 1, "gamma": 0.9, "ids": ["a", "b", "c"], "a": np.array([1.0, 2, 6]),
+                "logit": np.array([0.0, 0, 0])},
+               {"step": 2, "gamma": 0.8, "ids": ["c", "a", "b"], "a": np.array([3.0, -1, 1]),
+                "logit": np.array([2.0, 1, 0])}]
+    kinds = pd.Series({"a": "clean", "b": "clean", "c": "noise"})
+    df = trace_frame(records, kinds)
+    assert sorted(df["step"].unique()) == [1, 2]  # the γ = 1 step taught nothing and is left out
+    z1 = (np.array([1.0, 2, 6]) - 3) / np.array([1.0, 2, 6]).std()
+    np.testing.assert_allclose(df[df["step"] == 1]["a_z"], z1)
+    assert (df[df["step"] == 1]["logit_z"] == 0).all()  # no spread: zeros, not NaN
+    table = per_span(df, "a_z", 2)
+    assert list(table.columns) == ["clean", "noise"] and len(table) == 2
+    assert table["noise"].iloc[0] == pytest.approx(z1[2])
+    assert table["noise"].iloc[1] == pytest.approx(2 / np.array([3.0, -1, 1]).std())

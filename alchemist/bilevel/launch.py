@@ -1,7 +1,7 @@
 """Wire config -> data, models, trainer; then the shared run path. The one function train_rater.py calls."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from alchemist.bilevel.estimators import estimator_class
 from alchemist.bilevel.trainer import BilevelTrainer
@@ -14,7 +14,9 @@ from alchemist.utils.io import check_writable
 from alchemist.utils.metrics import check_wandb
 
 
-def train_rater(cfg: RaterConfig) -> dict[str, Any]:
+def train_rater(cfg: RaterConfig, on_coefficients: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """``on_coefficients``: called after every rater step with that step's pair ids, the (centred)
+    coefficients the rater learned from, and its logits (``BilevelTrainer``), for diagnostics."""
     # an unknown rule, a missing wandb key or a read-only output fails before any data is read
     estimator_class(cfg.bilevel.estimator)
     check_wandb(cfg.logging)
@@ -37,5 +39,5 @@ def train_rater(cfg: RaterConfig) -> dict[str, Any]:
     rater = build_rater(cfg.model, text_encoder.width, rt.device, cfg.bilevel.double_softmax)
 
     trainer = BilevelTrainer(cfg, proxy, rater, Featurizer(vqvae, text_encoder, rt.device), val, train, rt.device,
-                             is_main=rt.is_main, on_skipped=skip_log.extend)
+                             is_main=rt.is_main, on_skipped=skip_log.extend, on_coefficients=on_coefficients)
     return trainer.run(skip_log, rt.rank, rt.world, resumed)

@@ -26,7 +26,8 @@ class BilevelTrainer(TrainLoop):
 
     def __init__(self, cfg: RaterConfig, proxy: nn.Module, rater: nn.Module,
                  featurize: Callable[[Any], TokenBatch | None], val: Stream, train: Stream,
-                 device: torch.device, is_main: bool = True, on_skipped: Callable[[list], None] = lambda s: None):
+                 device: torch.device, is_main: bool = True, on_skipped: Callable[[list], None] = lambda s: None,
+                 on_coefficients: Callable[[dict[str, Any]], None] | None = None):
         super().__init__(cfg, featurize, -(-val.sampler.per_rank() // val.batch_size), device, is_main, on_skipped)
         self.proxy, self.rater, self.val, self.train = proxy, rater, val, train
         o = cfg.optim
@@ -40,6 +41,7 @@ class BilevelTrainer(TrainLoop):
         self.scalers = [self.new_scaler(), self.new_scaler()]
         self.replay = ReplayBuffer(cfg.bilevel.replay_size)
         self._train_iter = None
+        self.on_coefficients, self.train_ids = on_coefficients, []
 
     def epoch_batches(self) -> Iterator[tuple]:
         """One pass over the validation loader, each batch paired with the next training batch."""
@@ -47,7 +49,9 @@ class BilevelTrainer(TrainLoop):
             self._train_iter = self.train.cycle()
         self.val.epoch = self.epoch
         for val_raw in self.val.epoch_batches():
-            yield next(self._train_iter), val_raw
+            train_raw = next(self._train_iter)
+            self.train_ids = train_raw.get("ids", [])
+            yield train_raw, val_raw
         self.val.used = 0
 
     def train_step(self, train: TokenBatch, val: TokenBatch) -> dict[str, float] | None:
@@ -85,6 +89,9 @@ class BilevelTrainer(TrainLoop):
         if not torch.isfinite(rater_loss):
             return None
         rater_gnorm = self.optimizer_step(self.rater, self.opt_rater, rater_loss, self.scalers[1])
+        if self.on_coefficients is not None:  # a diagnostic: what this step taught the rater, per pair
+            self.on_coefficients({"step": self.step_idx, "gamma": gamma, "ids": list(self.train_ids),
+                                  "a": a_B.float().cpu().numpy(), "logit": rater_out.logit_B.detach().float().cpu().numpy()})
         if cfg.bilevel.rater_replay:
             self.replay.add(train, a_B)
             for _ in range(cfg.bilevel.rater_replay):
