@@ -125,6 +125,11 @@ class OptimConfig:
         _check(self.fp16 in (-1, 0, 1, 2), "optim.fp16 must be -1 (auto), 0, 1 or 2")
         _check(0 <= self.wp0 <= 1 and 0 <= self.wpe <= 1, "optim.wp0 and optim.wpe must be in [0, 1]")
 
+    def precision(self, device_type: str) -> str:
+        """fp32, bf16 or fp16 (autocast; fp16 with a loss scaler) on a device of this type."""
+        mode = self.fp16 if self.fp16 >= 0 else (2 if device_type == "cuda" else 0)
+        return ("fp32", "fp16", "bf16")[mode]
+
 
 @dataclass(frozen=True)
 class BilevelConfig:

@@ -16,7 +16,8 @@ from alchemist.data.tokens import Featurizer
 from alchemist.evaluation.metrics import heldout_token_loss
 from alchemist.loop import TrainLoop
 from alchemist.runtime import make_stream, setup_runtime
-from alchemist.utils.dist import broadcast_params
+from alchemist.utils.dist import all_ranks, broadcast_params
+from alchemist.utils.metrics import host_floats
 from alchemist.utils.optim import build_optimizer, set_lr
 
 
@@ -49,10 +50,10 @@ class T2ITrainer(TrainLoop):
         self.proxy.train()
         with self.autocast():
             loss = self.proxy.per_sample_loss(batch).float().mean()
-        if not torch.isfinite(loss):
+        if not all_ranks(torch.isfinite(loss)):  # every rank skips together
             return None
         gnorm = self.optimizer_step(self.proxy, self.opt, loss, self.scaler)
-        return {"loss": loss.item(), "lr": lr, "grad_norm": gnorm}
+        return host_floats({"loss": loss, "lr": lr, "grad_norm": gnorm})
 
     def end_of_epoch(self) -> dict[str, float]:
         return self.evaluate()

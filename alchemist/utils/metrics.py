@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 
 class MetricsLogger:
     """``cfg``: the config's logging section (``wandb``, ``wandb_project``); ``run_config``: the run's
@@ -37,6 +39,16 @@ class MetricsLogger:
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def host_floats(values: dict[str, Any]) -> dict[str, Any]:
+    """The same dict with every 0-dim tensor turned into a float by one device-to-host copy: a
+    step's logged numbers cost one sync, not one ``.item()`` each."""
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(values)
+    got = torch.stack([values[k].detach().float().reshape(()) for k in keys]).tolist()
+    return {**values, **dict(zip(keys, got))}
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
