@@ -14,7 +14,6 @@ input columns, ranks them and writes the ratings file; skipped rows go to ``<out
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +34,7 @@ from alchemist.data.pairs import DataError, PairsDataset, SkipLog, collate_pairs
 from alchemist.data.tokens import Featurizer
 from alchemist.models.rater import Rater
 from alchemist.ratings import table_format, write_ratings
+from alchemist.runtime import amp_dtype, autocast
 from alchemist.utils.checkpoint import latest_checkpoint
 from alchemist.utils.dist import state as dist_state
 from alchemist.utils.io import atomic_open
@@ -42,8 +42,9 @@ from alchemist.utils.io import atomic_open
 OFFICIAL_BATCH = 256  # the official scoring script's batch size: official_score depends on it
 DEFAULT_SHARD_ROWS = 16384  # a multiple of OFFICIAL_BATCH; about a minute of one GPU's work
 SCORE_COLUMNS = ("score", "official_score", "rank")
-# the model is fixed by the checkpoint; only where its files live may change on another machine
+# the model is fixed by the checkpoint; only where its files live, and how it runs, may change
 MODEL_PATH_KEYS = ("model.ckpt_path", "model.vae_ckpt", "model.text_enc_path")
+RUN_KEYS = ("optim.fp16",)
 TRAINING_ONLY = {"train_csv_path": "", "val_csv_path": "", "cache_dir": "", "caption_dropout": 0.0}
 
 
@@ -82,15 +83,16 @@ def load_rater(ckpt: str | os.PathLike, device: torch.device | str = "cpu") -> t
 def scoring_config(cfg: RaterConfig, overrides: Sequence[str] = ()) -> RaterConfig:
     """The checkpoint's config with training-only data fields cleared, then ``--key=value`` overrides.
 
-    Only ``data.*`` and the model's file locations may be overridden: everything else describes the
-    trained weights. ``data.cache_dir`` here names the cache of the table being scored.
+    Only ``data.*``, the model's file locations and how it runs (``RUN_KEYS``: precision) may be
+    overridden: everything else describes the trained weights. ``data.cache_dir`` here names the cache
+    of the table being scored.
     """
     raw = config_to_dict(cfg)
     raw["data"].update(TRAINING_ONLY)
     for key, value in parse_overrides(RaterConfig, overrides).items():
-        if not (key.startswith("data.") or key in MODEL_PATH_KEYS):
-            raise ConfigError(f"--{key} is fixed by the checkpoint; when scoring only data.* and "
-                              f"{', '.join(MODEL_PATH_KEYS)} can be set")
+        if not (key.startswith("data.") or key in MODEL_PATH_KEYS or key in RUN_KEYS):
+            raise ConfigError(f"--{key} is fixed by the checkpoint; when scoring only data.*, "
+                              f"{', '.join(MODEL_PATH_KEYS + RUN_KEYS)} can be set")
         section, name = key.split(".")
         raw[section][name] = value
     return config_from_dict(RaterConfig, raw)
@@ -162,11 +164,10 @@ def _write_shard(path: Path, shard: pd.DataFrame) -> None:
 
 
 def _amp(cfg: RaterConfig, device: torch.device):
-    """bf16 (or the config's choice) on CUDA, fp32 on CPU; the rater's heads always run in fp32."""
-    dtype = {1: torch.float16, 2: torch.bfloat16}.get(2 if cfg.optim.fp16 == -1 else cfg.optim.fp16)
-    if device.type != "cuda" or dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
+    """The trunk in the config's precision (``optim.fp16``: auto = bf16 on a GPU, fp32 on a CPU; ``--fp16=0``
+    scores in fp32). The heads always run in fp32; in bf16/fp16 a score still moves with the batch it was
+    computed in, by the trunk's rounding (docs/selection.md gives the tolerance)."""
+    return autocast(amp_dtype(cfg.optim, device), device)
 
 
 def _shard_frame(rater: Rater, lo: int, ids: np.ndarray, rows: np.ndarray, p_NC: torch.Tensor | None,
