@@ -67,6 +67,12 @@ class ModelConfig:
     rope_norm: float = 64.0
     rope_theta: float = 10000.0
     group_head: bool = True
+    # how the models run (not what they are; may differ between training and scoring):
+    attn_impl: str = "mask"  # proxy self-attention: mask (one SDPA call, block-causal mask) | scales (one
+    # unmasked call per scale against the keys of scales <= it: the same numbers, flash-eligible)
+    compile: str = ""  # "" eager; else a torch.compile backend (inductor, aot_eager, ...) for each block
+    encoder_amp: bool = False  # frozen tokenizer encoder + text encoder under the run's autocast (tokens
+    # are still chosen in fp32); default fp32/TF32 as VAR and the feature cache
     cfg: float = 4.0  # classifier-free guidance scale at sampling time
     top_k: int = 600
     top_p: float = 0.8
@@ -84,6 +90,7 @@ class ModelConfig:
                f"model.patch_size {self.patch_size} must equal the tokenizer's downsampling "
                f"2**(len(vae_ch_mult)-1) = {2 ** (len(self.vae_ch_mult) - 1)}")
         _check(self.vocab_size >= 2 and self.Cvae >= 1 and self.vae_ch >= 1, "model.vocab_size/Cvae/vae_ch too small")
+        _check(self.attn_impl in ("mask", "scales"), f"model.attn_impl must be mask or scales, got {self.attn_impl!r}")
         _check(self.cfg >= 0, "model.cfg must be >= 0")
         _check(0 < self.top_p <= 1, "model.top_p must be in (0, 1]")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from alchemist.config import ConfigError, DataConfig, OptimConfig, OutputConfig
+from alchemist.config import ConfigError, DataConfig, ModelConfig, OptimConfig, OutputConfig
 from alchemist.data.cache import CacheDataset, collate_cache
 from alchemist.data.pairs import PairsDataset, collate_pairs
 from alchemist.data.sampler import ResumableSampler, Stream
@@ -42,6 +42,11 @@ def amp_dtype(optim: OptimConfig, device: torch.device) -> torch.dtype | None:
 
 def autocast(dtype: torch.dtype | None, device: torch.device):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def encoder_amp_dtype(model: ModelConfig, optim: OptimConfig, device: torch.device) -> torch.dtype | None:
+    """The frozen encoders' autocast dtype: the run's with ``model.encoder_amp``, else None (fp32)."""
+    return amp_dtype(optim, device) if model.encoder_amp else None
 
 
 def make_stream(table, data: DataConfig, split: str, rt: Runtime, *, shuffle: bool, drop_last: bool,

@@ -222,9 +222,10 @@ def _weights(run_dir):
 @pytest.mark.parametrize("estimator,precision", [("penalty", 0), ("reference", 0), ("lookahead", 0),
                                                   ("reference", 2), ("lookahead", 1)])
 def test_run_writes_metrics_config_and_checkpoints(tiny_setup, estimator, precision):
-    """Every rule, and the bf16 and fp16 paths (autocast, fp16's loss scalers) that a GPU run takes,
-    at toy size on the CPU."""
-    cfg = _cfg(tiny_setup, f"run_{estimator}_{precision}", estimator=estimator, fp16=precision)
+    """Every rule, and the bf16 and fp16 paths (autocast, fp16's loss scalers, encoders under autocast)
+    that a GPU run takes, at toy size on the CPU."""
+    cfg = _cfg(tiny_setup, f"run_{estimator}_{precision}", estimator=estimator, fp16=precision,
+               encoder_amp=precision > 0)
     summary = train_rater(cfg)
     run = cfg.output.run_dir
     assert summary["steps"] == 4 and summary["epochs"] == 2 and summary["nonfinite_steps"] == 0

@@ -15,7 +15,7 @@ from alchemist.data.sampler import Stream
 from alchemist.data.tokens import Featurizer
 from alchemist.evaluation.metrics import heldout_token_loss
 from alchemist.loop import TrainLoop
-from alchemist.runtime import make_stream, setup_runtime
+from alchemist.runtime import encoder_amp_dtype, make_stream, setup_runtime
 from alchemist.utils.dist import all_ranks, broadcast_params
 from alchemist.utils.metrics import host_floats
 from alchemist.utils.optim import build_optimizer, set_lr
@@ -84,7 +84,7 @@ def train_t2i(cfg: T2IConfig) -> dict[str, Any]:
     vqvae = build_tokenizer(cfg.model, rt.device)
     text_encoder = build_text_encoder(cfg.model, rt.device)
     proxy = build_proxy(cfg.model, text_encoder.width, rt.device)
-    featurize = Featurizer(vqvae, text_encoder, rt.device)
+    featurize = Featurizer(vqvae, text_encoder, rt.device, encoder_amp_dtype(cfg.model, cfg.optim, rt.device))
 
     def evaluate() -> dict[str, float]:
         val.sampler.set_epoch(0)
