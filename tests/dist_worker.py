@@ -51,10 +51,11 @@ def batch(step: int, rank: int, split: str) -> TokenBatch:
                       torch.randn(PER_RANK, L - 1, CVAE, generator=g), text)
 
 
-def trainer(cfg: RaterConfig, rank: int, world: int, featurize=None, raws=None) -> BilevelTrainer:
-    """Models seeded per rank (the trainer broadcasts rank 0's); streams over ``raws`` (or nothing)."""
+def trainer(cfg: RaterConfig, rank: int, world: int, featurize=None, raws=None,
+            device: torch.device | str = "cpu") -> BilevelTrainer:
+    """Models seeded per rank (the trainer broadcasts rank 0's) on ``device``; streams over ``raws``."""
     torch.manual_seed(cfg.seed + rank)
-    dev = torch.device("cpu")
+    dev = torch.device(device)
     proxy, rater = build_proxy(cfg.model, TEXT_DIM, dev), build_rater(cfg.model, TEXT_DIM, dev)
     raws = raws or []
 
@@ -71,7 +72,7 @@ def digest(*models) -> str:
     h = hashlib.sha1()
     for m in models:
         for t in m.state_dict().values():
-            h.update(t.detach().float().contiguous().numpy().tobytes())
+            h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

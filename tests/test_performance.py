@@ -19,9 +19,8 @@ from dist_worker import PATCH_NUMS, batch, config, trainer
 
 def _run(tmp_path, device, steps=2, **over):
     """A toy trainer's weights after ``steps`` bilevel steps (fixed data, fixed init)."""
-    tr = trainer(config(tmp_path, "_".join(f"{k}{v}" for k, v in over.items()) or "base", **over), 0, 1)
-    tr.proxy.to(device), tr.rater.to(device)
-    tr.device = device
+    tr = trainer(config(tmp_path, "_".join(f"{k}{v}" for k, v in over.items()) or "base", **over), 0, 1,
+                 device=device)
     for i in range(steps):
         assert tr.train_step(batch(i, 0, "train").to(device), batch(i, 0, "val").to(device)) is not None
     return [p.detach().cpu().clone() for p in list(tr.proxy.parameters()) + list(tr.rater.parameters())]
@@ -125,11 +124,7 @@ def test_a_step_reads_the_device_only_for_its_decisions_and_its_log(tmp_path, de
     ``.item()`` per metric, no ``float(grad_norm)``, no ``v_norm.item()``. There were 13 reads in a penalty
     step and 14 in a lookahead step, plus one per parameter tensor for Adam's step count, which the
     fused GPU optimiser keeps on the device."""
-    tr = trainer(config(tmp_path, rule, estimator=rule), 0, 1)
-    tr.proxy.to(device), tr.rater.to(device)
-    if rule == "reference":
-        tr.estimator.ref.to(device)
-    tr.device = device
+    tr = trainer(config(tmp_path, rule, estimator=rule), 0, 1, device=device)
     for i in range(2):  # the second step is the steady state (Adam has moments)
         reads = HostReads(monkeypatch)
         assert tr.train_step(batch(i, 0, "train").to(device), batch(i, 0, "val").to(device)) is not None
