@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """The Python half of scripts/device_check.sh: its synthetic data set, and its report.
 
-    python scripts/device_check.py fixture --preset paper --out DIR --n-train 640 --n-val 640 --n-score 2048 \\
-        --train-steps 30 [--dry-run]
+    python scripts/device_check.py fixture --preset paper --out DIR --n-train 512 --n-val 512 --n-score 2048 \\
+        --train-steps 24 [--dry-run]
     python scripts/device_check.py report --out DIR [--killed-at STEP]
 
 ``fixture`` writes DIR/data (alchemist.bench.fixture), DIR/overrides.txt (the --key=value lines that
@@ -64,10 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     f = sub.add_parser("fixture")
     f.add_argument("--preset", default="paper")
     f.add_argument("--out", required=True)
-    f.add_argument("--n-train", type=int, default=640)
-    f.add_argument("--n-val", type=int, default=640)
+    f.add_argument("--n-train", type=int, default=512)
+    f.add_argument("--n-val", type=int, default=512)
     f.add_argument("--n-score", type=int, default=2048)
-    f.add_argument("--train-steps", type=int, default=30)
+    f.add_argument("--train-steps", type=int, default=24)
     f.add_argument("--dry-run", action="store_true")
     r = sub.add_parser("report")
     r.add_argument("--out", required=True)

@@ -3,8 +3,8 @@
 #   1. the CUDA runs of the tests that take the device fixture (pytest -m cuda);
 #   2. a synthetic data set at paper scale (scripts/device_check.py fixture: JPEGs, captions, a random
 #      VAR-geometry tokenizer, a random 1024x24 CLIP text tower);
-#   3. train_rater.sh at paper scale for a few dozen steps, killed (SIGKILL, whole process group) after
-#      a checkpoint, then run again: it must resume and finish;
+#   3. train_rater.sh at paper scale for 24 steps, killed (SIGKILL, whole process group) after the
+#      step-8 checkpoint, then run again: it must resume and finish;
 #   4. infer_rater.sh on synthetic pairs with the trained rater;
 #   5. scripts/bench.py --preset paper, then the performance options (attention by scale, encoders under
 #      autocast, torch.compile) on the penalty step;
@@ -40,7 +40,8 @@ if [ "$DRY" = 1 ]; then
   BENCH=(--steps 1 --warmup 0 --rules penalty --modes tokens --score-bs 8)
   VARIANTS=()
 else
-  PRESET=paper; NTRAIN=640; NVAL=640; NSCORE=2048; EP=3; SAVE=5; KILL_AT=10; WORKERS=8; SCORE_BS=256
+  # 24 steps; a paper-scale checkpoint (proxy, rater, two AdamW states) is ~4 GB, so three saves only
+  PRESET=paper; NTRAIN=512; NVAL=512; NSCORE=2048; EP=3; SAVE=8; KILL_AT=8; WORKERS=8; SCORE_BS=256
   TESTS=(tests -m cuda)
   BENCH=(--steps 5 --warmup 2)
   VARIANTS=("scales:--rules penalty --modes cache --steps 5 --warmup 2 --attn_impl=scales"
