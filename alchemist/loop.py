@@ -23,8 +23,8 @@ from alchemist.utils.checkpoint import capture_rng, gather_rng, load_checkpoint,
 from alchemist.utils.dist import all_ranks, is_dist
 from alchemist.utils.io import atomic_open
 from alchemist.utils.metrics import MetricsLogger
-from alchemist.utils.update import apply_update, scaled_backward
 from alchemist.utils.schedule import lr_factor, warmup_steps
+from alchemist.utils.update import apply_update, scaled_backward
 
 
 class NonFiniteLossError(RuntimeError):
