@@ -6,8 +6,9 @@
 --ckpt is a run dir (its latest checkpoint) or a checkpoint file. Writes the ratings (input
 columns + score, official_score, rank; best first) in the format of --out's extension, skipped
 rows to <out stem>.skipped.csv, and finished shards to <out>.shards/ (a rerun resumes from them).
-Overrides: data.* keys (e.g. --caption_col=cogvlm_caption) and model file locations
-(--ckpt_path, --vae_ckpt, --text_enc_path) when they moved since training.
+Overrides: data.* keys (e.g. --caption_col=cogvlm_caption), model file locations
+(--ckpt_path, --vae_ckpt, --text_enc_path) when they moved since training, and the precision
+(--fp16=0 scores in fp32, where a score does not move with the batch; the default on a GPU is bf16).
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from alchemist.config import ConfigError, ModelConfig
+from alchemist.models.blocks import compile_blocks
 from alchemist.models.proxy import Proxy
 from alchemist.models.rater import Rater
 from alchemist.models.text import TextEncoder
@@ -56,6 +57,7 @@ def build_text_encoder(mcfg: ModelConfig, device: torch.device) -> TextEncoder:
 
 
 def build_proxy(mcfg: ModelConfig, text_dim: int, device: torch.device) -> Proxy:
+    """The proxy with ``model.attn_impl`` and, with ``model.compile``, compiled blocks."""
     proxy = Proxy.from_config(mcfg, text_dim)
     if mcfg.proxy_init:
         path = Path(mcfg.proxy_init)
@@ -63,8 +65,8 @@ def build_proxy(mcfg: ModelConfig, text_dim: int, device: torch.device) -> Proxy
             raise FileNotFoundError(f"model.proxy_init {str(path)!r} does not exist (a proxy checkpoint file)")
         state = torch_load(path, "proxy checkpoint (model.proxy_init)")
         proxy.load_state_dict(state.get("proxy", state.get("state_dict", state)))
-    return proxy.to(device)
+    return compile_blocks(proxy.to(device), mcfg.compile)
 
 
 def build_rater(mcfg: ModelConfig, text_dim: int, device: torch.device, double_softmax: bool = False) -> Rater:
-    return Rater.from_config(mcfg, text_dim, double_softmax=double_softmax).to(device)
+    return compile_blocks(Rater.from_config(mcfg, text_dim, double_softmax=double_softmax).to(device), mcfg.compile)

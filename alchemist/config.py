@@ -73,6 +73,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     group_head: bool = True
     rater_full_image: bool = True  # the rater also reads the finished f̂ (false = the official rater's input)
+    # how the models run (not what they are; may differ between training and scoring):
+    attn_impl: str = "mask"  # proxy self-attention: mask (one SDPA call, block-causal mask) | scales (one
+    # unmasked call per scale against the keys of scales <= it: the same numbers, flash-eligible)
+    compile: str = ""  # "" eager; else a torch.compile backend (inductor, aot_eager, ...) for each block
+    encoder_amp: bool = False  # frozen tokenizer encoder + text encoder under the run's autocast (tokens
+    # are still chosen in fp32); default fp32/TF32 as VAR and the feature cache
     cfg: float = 4.0  # classifier-free guidance scale at sampling time
     top_k: int = 600
     top_p: float = 0.8
@@ -90,6 +96,7 @@ class ModelConfig:
                f"model.patch_size {self.patch_size} must equal the tokenizer's downsampling "
                f"2**(len(vae_ch_mult)-1) = {2 ** (len(self.vae_ch_mult) - 1)}")
         _check(self.vocab_size >= 2 and self.Cvae >= 1 and self.vae_ch >= 1, "model.vocab_size/Cvae/vae_ch too small")
+        _check(self.attn_impl in ("mask", "scales"), f"model.attn_impl must be mask or scales, got {self.attn_impl!r}")
         _check(self.cfg >= 0, "model.cfg must be >= 0")
         _check(0 < self.top_p <= 1, "model.top_p must be in (0, 1]")
 
@@ -130,6 +137,11 @@ class OptimConfig:
                f"optim.rater_sche must be empty (= optim.sche), lin0, lin, cos or const, got {self.rater_sche!r}")
         _check(self.fp16 in (-1, 0, 1, 2), "optim.fp16 must be -1 (auto), 0, 1 or 2")
         _check(0 <= self.wp0 <= 1 and 0 <= self.wpe <= 1, "optim.wp0 and optim.wpe must be in [0, 1]")
+
+    def precision(self, device_type: str) -> str:
+        """fp32, bf16 or fp16 (autocast; fp16 with a loss scaler) on a device of this type."""
+        mode = self.fp16 if self.fp16 >= 0 else (2 if device_type == "cuda" else 0)
+        return ("fp32", "fp16", "bf16")[mode]
 
 
 @dataclass(frozen=True)

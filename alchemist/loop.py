@@ -8,8 +8,6 @@ skipped rows.
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,12 +17,13 @@ from tqdm.auto import tqdm
 
 from alchemist.batch import TokenBatch
 from alchemist.config import config_to_dict, save_config
-from alchemist.runtime import resume_checkpoint
-from alchemist.utils.checkpoint import capture_rng, checkpoint_dir, restore_rng, save_checkpoint
-from alchemist.utils.dist import average_grads, is_dist
+from alchemist.runtime import amp_dtype, autocast, resume_checkpoint
+from alchemist.utils.checkpoint import capture_rng, checkpoint_dir, gather_rng, restore_rank_rng, save_checkpoint
+from alchemist.utils.dist import all_ranks, is_dist
 from alchemist.utils.io import remove_stale_temps, write_json
 from alchemist.utils.metrics import MetricsLogger, trim_metrics
 from alchemist.utils.schedule import lr_factor, warmup_steps
+from alchemist.utils.update import apply_update, scaled_backward
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,14 +48,11 @@ class TrainLoop:
         self.run_dir: Path = cfg.output.run_dir
         self.logger = MetricsLogger(self.run_dir / "metrics.jsonl", cfg.logging, config_to_dict(cfg),
                                     cfg.output.exp_name, is_main)
-        amp = cfg.optim.fp16 if cfg.optim.fp16 >= 0 else (2 if device.type == "cuda" else 0)
-        self.amp_dtype = {1: torch.float16, 2: torch.bfloat16}.get(amp)
-        self.fp16_scaling = amp == 1
+        self.amp_dtype = amp_dtype(cfg.optim, device)
+        self.fp16_scaling = self.amp_dtype == torch.float16
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return autocast(self.amp_dtype, self.device)
 
     def lr_factor(self, sche: str = "") -> float:
         """The multiplier of the peak lr at the current step, by schedule ``sche`` (default ``optim.sche``)."""
@@ -66,30 +62,24 @@ class TrainLoop:
     def new_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.fp16_scaling)
 
-    def optimizer_step(self, model: torch.nn.Module, opt, loss: torch.Tensor, scaler) -> float:
-        """Backward, average over ranks, clip, step; returns the gradient norm before clipping."""
+    def optimizer_step(self, model: torch.nn.Module, opt, loss: torch.Tensor, scaler) -> torch.Tensor | float:
+        """Backward, average over ranks, clip, step; returns the gradient norm before clipping (on the device)."""
         if opt is None:
             return 0.0
         gnorm = self.backward(model, opt, loss, scaler)
         self.step(opt, scaler)
         return gnorm
 
-    def backward(self, model: torch.nn.Module, opt, loss: torch.Tensor, scaler) -> float:
-        """The first half of ``optimizer_step``: gradients unscaled, averaged over ranks and clipped,
-        as the optimiser will see them; returns their norm before clipping."""
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        params = [p for p in model.parameters() if p.grad is not None]
-        average_grads(params)
-        clip = self.cfg.optim.grad_clip
-        return float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf))
+    def backward(self, model: torch.nn.Module, opt, loss: torch.Tensor, scaler) -> torch.Tensor:
+        """The first half of ``optimizer_step``: gradients averaged over ranks, unscaled and clipped, as
+        the optimiser will see them (every rank's scaler sees the same ones: ``alchemist.utils.update``);
+        returns their norm before clipping."""
+        return scaled_backward(loss, model, opt, scaler, self.cfg.optim.grad_clip)
 
     @staticmethod
     def step(opt, scaler) -> None:
         """The second half of ``optimizer_step``: the update, then the gradients are cleared."""
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
+        apply_update(opt, scaler)
 
     # -------------------------------------------------------------- what subclasses provide
     def epoch_batches(self) -> Iterator[tuple]:
@@ -164,7 +154,8 @@ class TrainLoop:
             for raws in self.epoch_batches():
                 batches = [self.featurize(r) for r in raws]
                 self.on_skipped([s for r in raws for s in r.get("skipped", [])])
-                if any(b is None or b.B == 0 for b in batches):
+                # all ranks skip together: one that left alone would leave the others' all-reduces unpaired
+                if not all_ranks(all(b is not None and b.B > 0 for b in batches)):
                     continue
                 m = self.train_step(*batches)
                 self._count_nonfinite(m is None)
@@ -207,21 +198,26 @@ class TrainLoop:
                 f"lower optim.tlr or use optim.fp16=0 or 2. Last good state: {path}")
 
     # -------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """``rng``: every rank's RNG state (``gather_rng``, a collective); this process's alone when not given."""
         return {"step": self.step_idx, "epoch": self.epoch, "nonfinite_total": self.nonfinite_total,
-                "rng": capture_rng(), "config": config_to_dict(self.cfg), "last_metrics": dict(self.last_metrics),
+                "rng": rng if rng is not None else [capture_rng()], "config": config_to_dict(self.cfg),
+                "last_metrics": dict(self.last_metrics),
                 **self.extra_state()}
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         self.load_extra_state(ckpt)
         self.step_idx, self.epoch, self.nonfinite_total = ckpt["step"], ckpt["epoch"], ckpt["nonfinite_total"]
         self.last_metrics = dict(ckpt.get("last_metrics", {}))
-        restore_rng(ckpt["rng"])
+        if not restore_rank_rng(ckpt["rng"]) and self.is_main:
+            print("note: the checkpoint was written by another number of processes; each keeps its own seed "
+                  "and the resume is not exact")
 
     def save(self) -> Path | None:
         """A checkpoint (main process), and every process's skipped rows so far."""
         if self.skip_log is not None:
             self.skip_log.write(self.skip_path)
+        rng = gather_rng()  # a collective: every rank saves, rank 0 writes
         if not self.is_main:
             return None
-        return save_checkpoint(self.run_dir, self.step_idx, self.state_dict(), self.cfg.output.keep_last)
+        return save_checkpoint(self.run_dir, self.step_idx, self.state_dict(rng), self.cfg.output.keep_last)

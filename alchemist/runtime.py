@@ -1,6 +1,7 @@
 """Wiring shared by every entry point: process topology, data streams, where to resume from."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -8,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from alchemist.config import ConfigError, DataConfig, OutputConfig
+from alchemist.config import ConfigError, DataConfig, ModelConfig, OptimConfig, OutputConfig
 from alchemist.data.cache import CacheDataset, collate_cache
 from alchemist.data.pairs import PairsDataset, collate_pairs
 from alchemist.data.sampler import ResumableSampler, Stream
@@ -33,6 +34,20 @@ def setup_runtime(global_bs: int, seed: int) -> Runtime:
     if ps.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return Runtime(ps.process_index, ps.num_processes, ps.device, ps.is_main_process, global_bs // ps.num_processes)
+
+
+def amp_dtype(optim: OptimConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype ``optim.fp16`` asks for on ``device``; None for fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(optim.precision(device.type))
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def encoder_amp_dtype(model: ModelConfig, optim: OptimConfig, device: torch.device) -> torch.dtype | None:
+    """The frozen encoders' autocast dtype: the run's with ``model.encoder_amp``, else None (fp32)."""
+    return amp_dtype(optim, device) if model.encoder_amp else None
 
 
 def make_stream(table, data: DataConfig, split: str, rt: Runtime, *, shuffle: bool, drop_last: bool,

@@ -14,7 +14,7 @@ input columns, ranks them and writes the ratings file; skipped rows go to ``<out
 from __future__ import annotations
 
 import collections
-import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,8 +33,10 @@ from alchemist.config import ConfigError, RaterConfig, config_from_dict, config_
 from alchemist.data.cache import CacheDataset, collate_cache
 from alchemist.data.pairs import DataError, PairsDataset, SkipLog, collate_pairs, load_pairs
 from alchemist.data.tokens import Featurizer
+from alchemist.models.blocks import compile_blocks
 from alchemist.models.rater import Rater
 from alchemist.ratings import table_format, write_ratings
+from alchemist.runtime import amp_dtype, autocast, encoder_amp_dtype
 from alchemist.utils.checkpoint import CheckpointError, latest_checkpoint, torch_load
 from alchemist.utils.dist import state as dist_state
 from alchemist.utils.errors import UserError
@@ -43,8 +45,9 @@ from alchemist.utils.io import atomic_open, check_writable, remove_stale_temps
 OFFICIAL_BATCH = 256  # the official scoring script's batch size: official_score depends on it
 DEFAULT_SHARD_ROWS = 16384  # a multiple of OFFICIAL_BATCH; about a minute of one GPU's work
 SCORE_COLUMNS = ("score", "official_score", "rank")
-# the model is fixed by the checkpoint; only where its files live may change on another machine
+# the model is fixed by the checkpoint; only where its files live, and how it runs, may change
 MODEL_PATH_KEYS = ("model.ckpt_path", "model.vae_ckpt", "model.text_enc_path")
+RUN_KEYS = ("optim.fp16", "model.attn_impl", "model.compile", "model.encoder_amp")
 TRAINING_ONLY = {"train_csv_path": "", "val_csv_path": "", "cache_dir": "", "caption_dropout": 0.0}
 
 
@@ -72,7 +75,8 @@ def load_rater(ckpt: str | os.PathLike, device: torch.device | str = "cpu") -> t
                               "pass a file written by train_rater.py")
     cfg = config_from_dict(RaterConfig, state["config"])
     text_dim = state["rater"]["text_proj.weight"].shape[1]
-    rater = build_rater(cfg.model, text_dim, torch.device(device), double_softmax=False)
+    # eager here: rate_file compiles it when the scoring config asks for it
+    rater = build_rater(dataclasses.replace(cfg.model, compile=""), text_dim, torch.device(device), double_softmax=False)
     rater.load_state_dict(state["rater"])
     return rater.eval().requires_grad_(False), cfg
 
@@ -80,15 +84,16 @@ def load_rater(ckpt: str | os.PathLike, device: torch.device | str = "cpu") -> t
 def scoring_config(cfg: RaterConfig, overrides: Sequence[str] = ()) -> RaterConfig:
     """The checkpoint's config with training-only data fields cleared, then ``--key=value`` overrides.
 
-    Only ``data.*`` and the model's file locations may be overridden: everything else describes the
-    trained weights. ``data.cache_dir`` here names the cache of the table being scored.
+    Only ``data.*``, the model's file locations and how it runs (``RUN_KEYS``: precision, attention
+    kernel, compile, encoder precision) may be overridden: everything else describes the trained
+    weights. ``data.cache_dir`` here names the cache of the table being scored.
     """
     raw = config_to_dict(cfg)
     raw["data"].update(TRAINING_ONLY)
     for key, value in parse_overrides(RaterConfig, overrides).items():
-        if not (key.startswith("data.") or key in MODEL_PATH_KEYS):
-            raise ConfigError(f"--{key} is fixed by the checkpoint; when scoring only data.* and "
-                              f"{', '.join(MODEL_PATH_KEYS)} can be set")
+        if not (key.startswith("data.") or key in MODEL_PATH_KEYS or key in RUN_KEYS):
+            raise ConfigError(f"--{key} is fixed by the checkpoint; when scoring only data.*, "
+                              f"{', '.join(MODEL_PATH_KEYS + RUN_KEYS)} can be set")
         section, name = key.split(".")
         raw[section][name] = value
     return config_from_dict(RaterConfig, raw)
@@ -104,6 +109,7 @@ def rate_file(ckpt: str | os.PathLike, table_path: str | os.PathLike, out_path: 
     rank, world = ps.process_index, ps.num_processes
     rater, cfg = load_rater(ckpt, ps.device)
     cfg = scoring_config(cfg, overrides)
+    compile_blocks(rater, cfg.model.compile)
     skip_log = SkipLog()
     table = load_pairs(table_path, cfg.data, skip_log)
     text_encoder = build_text_encoder(cfg.model, ps.device)
@@ -111,7 +117,8 @@ def rate_file(ckpt: str | os.PathLike, table_path: str | os.PathLike, out_path: 
         raise ConfigError(f"the rater was trained with {rater.text_dim}-wide text features but text encoder "
                           f"{text_encoder.path!r} gives {text_encoder.width}; set model.text_enc_path to the "
                           "encoder used in training")
-    featurizer = Featurizer(build_tokenizer(cfg.model, ps.device), text_encoder, ps.device)
+    featurizer = Featurizer(build_tokenizer(cfg.model, ps.device), text_encoder, ps.device,
+                            encoder_amp_dtype(cfg.model, cfg.optim, ps.device))
     return score_table(table, out_path, rater, featurizer, cfg, batch_size=batch_size, shard_rows=shard_rows,
                        rank=rank, world=world, cache_dir=cfg.data.cache_dir or None,
                        skipped=skip_log.items, progress=progress)
@@ -161,11 +168,10 @@ def _write_shard(path: Path, shard: pd.DataFrame) -> None:
 
 
 def _amp(cfg: RaterConfig, device: torch.device):
-    """bf16 (or the config's choice) on CUDA, fp32 on CPU; the rater's heads always run in fp32."""
-    dtype = {1: torch.float16, 2: torch.bfloat16}.get(2 if cfg.optim.fp16 == -1 else cfg.optim.fp16)
-    if device.type != "cuda" or dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
+    """The trunk in the config's precision (``optim.fp16``: auto = bf16 on a GPU, fp32 on a CPU; ``--fp16=0``
+    scores in fp32). The heads always run in fp32; in bf16/fp16 a score still moves with the batch it was
+    computed in, by the trunk's rounding (docs/selection.md gives the tolerance)."""
+    return autocast(amp_dtype(cfg.optim, device), device)
 
 
 def _shard_frame(rater: Rater, lo: int, ids: np.ndarray, rows: np.ndarray, p_NC: torch.Tensor | None,

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE="${WANDB_MODE:-disabled}"
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && [ -z "${CONDA_PREFIX:-}" ] && echo .venv/bin/python || echo python )}"
 SCRIPT="$1"; shift
-NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+NGPU="${NGPU:-$("$PY" -c "import torch; print(torch.cuda.device_count())")}"  # NGPU=0: one CPU process
 NNODES="${NNODES:-1}"; NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"; MASTER_PORT="${MASTER_PORT:-29500}"
 if [ "$NGPU" -eq 0 ]; then

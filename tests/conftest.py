@@ -21,6 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(params=["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else []))
+def device(request) -> torch.device:
+    """Every device this machine has: tests taking it run on the CPU always and on a GPU when there is
+    one (``pytest -m cuda`` selects the GPU runs: scripts/device_check.sh)."""
+    return torch.device(request.param)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -246,9 +246,13 @@ def _weights(run_dir):
     return ck["proxy"], ck["rater"], ck["step"]
 
 
-@pytest.mark.parametrize("estimator", ["penalty", "reference", "lookahead"])
-def test_run_writes_metrics_config_and_checkpoints(tiny_setup, estimator):
-    cfg = _cfg(tiny_setup, f"run_{estimator}", estimator=estimator)
+@pytest.mark.parametrize("estimator,precision", [("penalty", 0), ("reference", 0), ("lookahead", 0),
+                                                  ("reference", 2), ("lookahead", 1)])
+def test_run_writes_metrics_config_and_checkpoints(tiny_setup, estimator, precision):
+    """Every rule, and the bf16 and fp16 paths (autocast, fp16's loss scalers, encoders under autocast)
+    that a GPU run takes, at toy size on the CPU."""
+    cfg = _cfg(tiny_setup, f"run_{estimator}_{precision}", estimator=estimator, fp16=precision,
+               encoder_amp=precision > 0)
     summary = train_rater(cfg)
     run = cfg.output.run_dir
     assert summary["steps"] == 4 and summary["epochs"] == 2 and summary["nonfinite_steps"] == 0
@@ -258,8 +262,9 @@ def test_run_writes_metrics_config_and_checkpoints(tiny_setup, estimator):
     assert len(list((run / "checkpoints").iterdir())) <= cfg.output.keep_last
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["gamma"] for r in recs] == [1.0, 1.0, 0.5, 0.5]
-    assert all(abs(r["group_scalar"] - 0.5) < 0.5 for r in recs)
-    assert recs[-1]["L_val"] < 2 * torch.log(torch.tensor(32.0)).item()
+    groups = [r["group_scalar"] for r in recs]
+    assert all(0 < g < 1 for g in groups) and len(set(groups)) == 4  # the group head moves every step
+    assert recs[-1]["rater_grad_norm"] > 0 and recs[-1]["L_val"] < recs[0]["L_val"] - 0.05  # both models learn
 
 
 def test_unknown_estimator_is_one_sentence_naming_the_choices(tiny_setup):

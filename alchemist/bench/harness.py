@@ -30,7 +30,7 @@ from alchemist.build import build_proxy, build_rater, build_text_encoder
 from alchemist.config import RaterConfig
 from alchemist.data.sampler import ResumableSampler, Stream
 from alchemist.data.tokens import Featurizer
-from alchemist.runtime import setup_runtime
+from alchemist.runtime import encoder_amp_dtype, setup_runtime
 from alchemist.utils.errors import UserError
 
 
@@ -77,7 +77,8 @@ class Bench:
         log(f"random text encoder ({preset.text.width} wide, {preset.text.layers} layers) -> {workdir}")
         write_random_text_encoder(cfg.model.text_enc_path, preset.text, cfg.model.text_max_len, cfg.seed)
         self.text = build_text_encoder(cfg.model, self.device)
-        self.featurize = Featurizer(random_tokenizer(cfg.model, self.device), self.text, self.device)
+        self.featurize = Featurizer(random_tokenizer(cfg.model, self.device), self.text, self.device,
+                                    encoder_amp_dtype(cfg.model, cfg.optim, self.device))
         bs, pin = cfg.optim.bs, self.device.type == "cuda"
         words = caption_words(preset.text)
         mk = lambda n, seed: synthetic_raw(n, cfg.data.image_size, words, preset.caption_words, seed, pin)  # noqa: E731

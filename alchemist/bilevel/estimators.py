@@ -2,8 +2,12 @@
 
 Each rule turns one bilevel step into a loss for the rater. ``ESTIMATORS`` maps the config's
 ``bilevel.estimator`` name to its class; the trainer builds its rule with ``build_estimator`` and does
-not branch on which one is in use (it only asks ``needs_snapshot`` and calls the hooks). A new rule
-is one class here with a ``name`` and the ``@register`` decorator.
+not branch on which one is in use (it only asks ``needs_snapshot`` / ``needs_proxy_step`` and calls the
+hooks). A new rule is one class here with a ``name`` and the ``@register`` decorator.
+
+A rule whose loss does not need the proxy's new weights (``needs_proxy_step = False``) is evaluated
+before the proxy step, so that a non-finite rater loss skips the whole step; anything it changes on
+the side (the reference proxy's update) waits for ``commit`` and is dropped by ``discard``.
 
 All rules build a surrogate  Σ_i stopgrad(a_i) · W_i(µ)  whose gradient in µ is the rule's
 estimate of ∂L_val/∂µ; they differ in the per-sample coefficient a_i:
@@ -24,12 +28,14 @@ from torch import nn
 from alchemist.batch import TokenBatch
 from alchemist.config import BilevelConfig, ConfigError
 from alchemist.models.rater import RaterOutput
-from alchemist.utils.dist import average_grads, average_tensors
+from alchemist.utils.dist import average_tensors
+from alchemist.utils.update import apply_update, discard_update, scaled_backward
 
 
 @dataclass
 class StepContext:
-    """What one bilevel step knows when the rater is updated (after the proxy step)."""
+    """What one bilevel step knows when the rater's loss is taken: before the proxy step, or after it
+    for rules with ``needs_proxy_step`` (only those see ``theta_before``, ``opt_proxy`` and ``grads``)."""
     proxy: nn.Module
     train: TokenBatch
     val: TokenBatch
@@ -42,6 +48,7 @@ class StepContext:
     train_scale: float = 1.0  # 1, or 1/B with bilevel.official_scale
     opt_proxy: torch.optim.Optimizer | None = None  # the proxy's optimiser, its state after this step
     grads: list[torch.Tensor | None] | None = None  # the gradient that step used (if needs_snapshot)
+    scaler: torch.amp.GradScaler | None = None  # the proxy's loss scaler (fp16), for gradients a rule takes
 
 
 def weight_entropy(weight_B: torch.Tensor) -> torch.Tensor:
@@ -57,7 +64,8 @@ class Estimator:
     to 0 and takes every instance gradient with it (seen on the demo: g = 0.0024 after 64 steps).
     ``entropy_reg``: the weight of −entropy(W) added to every rule's loss."""
     name = ""  # the config's bilevel.estimator
-    needs_snapshot = False
+    needs_snapshot = False  # the trainer keeps θ and the proxy step's gradient for the rule
+    needs_proxy_step = False  # the rule's loss exists only after the proxy step (else it is taken before)
     # the rule's extra model passes per training image, beyond the step every rule shares (rater
     # forward + backward, proxy forward + backward on the train and val batches); the FLOP model of
     # alchemist/bench reads it: {"proxy_fwd_bwd": n, "proxy_fwd": m}
@@ -68,7 +76,8 @@ class Estimator:
 
     @classmethod
     def from_config(cls, cfg: BilevelConfig, proxy: nn.Module,
-                    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], grad_clip: float) -> Estimator:
+                    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], grad_clip: float,
+                    make_scaler: Callable[[], torch.amp.GradScaler] | None = None) -> Estimator:
         return cls()
 
     def rater_loss(self, ctx: StepContext) -> torch.Tensor:
@@ -93,6 +102,12 @@ class Estimator:
 
     def set_lr(self, lr: float) -> None:
         """Follow the proxy's lr schedule (only rules with a model of their own use it)."""
+
+    def commit(self) -> None:
+        """The step is going ahead on every rank: apply what ``rater_loss`` prepared on the side."""
+
+    def discard(self) -> None:
+        """The step is skipped on every rank: drop what ``rater_loss`` prepared on the side."""
 
     def state_dict(self) -> dict:
         return {}
@@ -119,44 +134,54 @@ class Penalty(Estimator):
 
 @register
 class Reference(Estimator):
-    """Keeps a reference proxy θ̂ trained on the weighted training batches only."""
+    """Keeps a reference proxy θ̂ trained on the weighted training batches only, with its own optimiser
+    and loss scaler (fp16); its update is prepared in ``coefficients`` and applied by ``commit``."""
     name = "reference"
     extra_passes = {"proxy_fwd_bwd": 1}  # the reference proxy's step
 
     @classmethod
-    def from_config(cls, cfg, proxy, make_optimizer, grad_clip) -> Estimator:
-        return cls(proxy, make_optimizer, grad_clip)
+    def from_config(cls, cfg, proxy, make_optimizer, grad_clip, make_scaler=None) -> Estimator:
+        return cls(proxy, make_optimizer, grad_clip, make_scaler() if make_scaler else None)
 
     def __init__(self, proxy: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                 grad_clip: float):
+                 grad_clip: float, scaler: torch.amp.GradScaler | None = None):
         self.ref = copy.deepcopy(proxy)
         self.ref.requires_grad_(True)
         self.opt = make_optimizer(self.ref)
         self.grad_clip = grad_clip
+        self.scaler = scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False)
+        self.pending = False
 
     def coefficients(self, ctx: StepContext) -> torch.Tensor:
         self.ref.train()
         with ctx.autocast():
             ref_loss_B = self.ref.per_sample_loss(ctx.train)
-        (ctx.weight_B * ref_loss_B).mean().backward()
-        params = [p for p in self.ref.parameters() if p.grad is not None]
-        average_grads(params)
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        scaled_backward((ctx.weight_B * ref_loss_B).mean(), self.ref, self.opt, self.scaler, self.grad_clip)
+        self.pending = True
         return ctx.train_loss_B - ref_loss_B.detach().float()
+
+    def commit(self) -> None:
+        if self.pending:
+            apply_update(self.opt, self.scaler)
+            self.pending = False
+
+    def discard(self) -> None:
+        if self.pending:
+            discard_update(self.opt, self.scaler)
+            self.pending = False
 
     def set_lr(self, lr: float) -> None:
         for g in self.opt.param_groups:
             g["lr"] = lr
 
     def state_dict(self) -> dict:
-        return {"ref": self.ref.state_dict(), "opt": self.opt.state_dict()}
+        return {"ref": self.ref.state_dict(), "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.ref.load_state_dict(state["ref"])
         self.opt.load_state_dict(state["opt"])
+        if "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 @register
@@ -172,15 +197,18 @@ class Lookahead(Estimator):
     Exact up to O(ε²) for SGD and Adam(W) steps, with two approximations: gradient clipping's
     factor is treated as a constant (exact when the norm is under ``grad_clip``), and under several
     processes v is averaged like the gradients. At γ = 1 the proxy does not see the weights and
-    every a_i is 0: the rater does not learn from that step.
+    every a_i is 0: the rater does not learn from that step. Under fp16, v is taken from the loss
+    scaled by the proxy's scaler (unscaled after), so small gradients do not flush to zero; an
+    overflow makes the rater loss non-finite and the trainer skips the rater's update on every rank.
     """
 
     name = "lookahead"
     needs_snapshot = True
+    needs_proxy_step = True
     extra_passes = {"proxy_fwd_bwd": 1, "proxy_fwd": 2}  # v = ∇L_val(θ'), then l_i(θ ± εPv)
 
     @classmethod
-    def from_config(cls, cfg, proxy, make_optimizer, grad_clip) -> Estimator:
+    def from_config(cls, cfg, proxy, make_optimizer, grad_clip, make_scaler=None) -> Estimator:
         if cfg.fix_proxy:
             raise ConfigError("bilevel.estimator=lookahead differentiates through the proxy's step, and "
                               "bilevel.fix_proxy=true takes none; use penalty or reference with a frozen proxy")
@@ -198,8 +226,13 @@ class Lookahead(Estimator):
         ctx.proxy.eval()
         with ctx.autocast():
             val_loss = ctx.proxy.per_sample_loss(ctx.val).mean()
+        loss_scale = None
+        if ctx.scaler is not None:  # fp16: a scaled loss keeps small gradients from flushing to zero
+            loss_scale = ctx.scaler.scale(torch.ones((), device=val_loss.device))  # 1 when the scaler is off
+            val_loss = ctx.scaler.scale(val_loss)
         v = list(torch.autograd.grad(val_loss, params, allow_unused=True))
-        v = [torch.zeros_like(p) if g is None else g for g, p in zip(v, params)]
+        v = [torch.zeros_like(p) if g is None else (g if loss_scale is None else g / loss_scale)
+             for g, p in zip(v, params)]
         average_tensors(v)
         jac = update_jacobian(ctx.opt_proxy, params, ctx.grads, ctx.theta_before)
         c_B = alignment(ctx.proxy, params, ctx.theta_before, [j * g for j, g in zip(jac, v)], ctx.train,
@@ -234,8 +267,12 @@ def update_jacobian(opt: torch.optim.Optimizer, params: list[torch.Tensor], grad
         if not isinstance(opt, torch.optim.AdamW) and group["weight_decay"]:
             g = g + group["weight_decay"] * t0
         b1, b2 = group["betas"]
-        t = float(state["step"])
-        bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
+        t = state["step"]
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":  # the fused optimiser's: no host read
+            t = t.to(torch.float64)
+            bc1, bc2 = (1 - b1 ** t).to(p.dtype), (1 - b2 ** t).to(p.dtype)
+        else:
+            bc1, bc2 = 1 - b1 ** float(t), 1 - b2 ** float(t)
         m_hat = state["exp_avg"] / bc1
         s_hat = (state["exp_avg_sq"] / bc2).sqrt()
         den = s_hat + group["eps"]
@@ -249,8 +286,8 @@ def alignment(proxy: nn.Module, params: list[torch.Tensor], theta: list[torch.Te
               batch: TokenBatch, eps: float, autocast: Callable[[], object]) -> torch.Tensor:
     """(l_i(θ+εv) − l_i(θ−εv)) / 2ε with ε = eps/‖v‖; the proxy's params are restored afterwards."""
     current = [p.detach().clone() for p in params]
-    v_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in v)).item()
-    step = eps / max(v_norm, 1e-12)
+    v_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in v))
+    step = eps / v_norm.clamp_min(1e-12)  # stays on the device: no host read
     losses = []
     for sign in (1.0, -1.0):
         for p, t, g in zip(params, theta, v):
@@ -270,9 +307,10 @@ def estimator_class(name: str) -> type[Estimator]:
 
 
 def build_estimator(cfg: BilevelConfig, proxy: nn.Module,
-                    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], grad_clip: float) -> Estimator:
+                    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer], grad_clip: float,
+                    make_scaler: Callable[[], torch.amp.GradScaler] | None = None) -> Estimator:
     """The rule ``cfg.estimator`` names, with the options every rule shares (centring, entropy)."""
-    est = estimator_class(cfg.estimator).from_config(cfg, proxy, make_optimizer, grad_clip)
+    est = estimator_class(cfg.estimator).from_config(cfg, proxy, make_optimizer, grad_clip, make_scaler)
     est.center, est.standardize = cfg.center, cfg.standardize
     est.entropy_reg = cfg.entropy_reg
     return est

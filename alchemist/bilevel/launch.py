@@ -9,7 +9,7 @@ from alchemist.build import build_proxy, build_rater, build_text_encoder, build_
 from alchemist.config import ConfigError, RaterConfig
 from alchemist.data.pairs import SkipLog, load_pairs
 from alchemist.data.tokens import Featurizer
-from alchemist.runtime import make_stream, resume_checkpoint, setup_runtime
+from alchemist.runtime import encoder_amp_dtype, make_stream, resume_checkpoint, setup_runtime
 from alchemist.utils.io import check_writable
 from alchemist.utils.metrics import check_wandb
 
@@ -38,6 +38,7 @@ def train_rater(cfg: RaterConfig, on_coefficients: Callable[[dict[str, Any]], No
     proxy = build_proxy(cfg.model, text_encoder.width, rt.device)
     rater = build_rater(cfg.model, text_encoder.width, rt.device, cfg.bilevel.double_softmax)
 
-    trainer = BilevelTrainer(cfg, proxy, rater, Featurizer(vqvae, text_encoder, rt.device), val, train, rt.device,
+    featurize = Featurizer(vqvae, text_encoder, rt.device, encoder_amp_dtype(cfg.model, cfg.optim, rt.device))
+    trainer = BilevelTrainer(cfg, proxy, rater, featurize, val, train, rt.device,
                              is_main=rt.is_main, on_skipped=skip_log.extend, on_coefficients=on_coefficients)
     return trainer.run(skip_log, rt.rank, rt.world, resumed)

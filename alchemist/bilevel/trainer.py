@@ -1,5 +1,9 @@
 """The bilevel loop: zip a validation pass with a cycling training stream; proxy step, rater step.
 
+A step with a non-finite loss is skipped on every rank together (``all_ranks``), before anything is
+applied: the proxy loss, and the rater loss of every rule that does not need the proxy's new weights,
+are checked first. The lookahead rule's rater loss exists only after the proxy step; when it is
+non-finite the proxy's update stays and the rater's is skipped (the step still counts as non-finite).
 Progress, metrics, checkpoints and resume come from ``alchemist.loop.TrainLoop``.
 """
 from __future__ import annotations
@@ -15,7 +19,8 @@ from alchemist.bilevel.replay import ReplayBuffer
 from alchemist.config import RaterConfig
 from alchemist.data.sampler import Stream
 from alchemist.loop import TrainLoop
-from alchemist.utils.dist import broadcast_params, replica_spread
+from alchemist.utils.dist import all_ranks, broadcast_params, replica_spread
+from alchemist.utils.metrics import host_floats
 from alchemist.utils.optim import build_optimizer, set_lr
 from alchemist.utils.schedule import gamma_at
 
@@ -37,7 +42,7 @@ class BilevelTrainer(TrainLoop):
         self.opt_proxy = None if cfg.bilevel.fix_proxy else make_opt(proxy, o.tlr, o.twd)
         self.opt_rater = make_opt(rater, o.rater_lr, o.rater_wd)
         self.estimator: Estimator = build_estimator(cfg.bilevel, proxy, lambda m: make_opt(m, o.tlr, o.twd),
-                                                    o.grad_clip)
+                                                    o.grad_clip, self.new_scaler)
         self.scalers = [self.new_scaler(), self.new_scaler()]
         self.replay = ReplayBuffer(cfg.bilevel.replay_size)
         self._train_iter = None
@@ -75,19 +80,27 @@ class BilevelTrainer(TrainLoop):
         val_loss = val_loss_BL.float().mean()
         weighted = (weight_B * train_loss_B.float()).mean()
         proxy_loss = gamma * val_loss + (1 - gamma) * weighted
-        if not torch.isfinite(proxy_loss):
+        est = self.estimator
+        ctx = StepContext(self.proxy, train, val, rater_out, train_loss_B.detach().float(), weight_B, None,
+                          self.autocast, gamma, 1.0 / train.B if cfg.bilevel.official_scale else 1.0,
+                          self.opt_proxy, None, self.scalers[0])
+        a_B = None if est.needs_proxy_step else est.targets(ctx)
+        rater_loss = None if a_B is None else est.loss(rater_out.weight_B, a_B)
+        finite = torch.isfinite(proxy_loss)
+        if rater_loss is not None:
+            finite = finite & torch.isfinite(rater_loss)
+        if not all_ranks(finite):  # decided together, before anything is applied
+            est.discard()
             return None
-        theta_before = ([p.detach().clone() for p in self.proxy.parameters() if p.requires_grad]
-                        if self.estimator.needs_snapshot else None)
-        proxy_gnorm, grads = self.proxy_step(proxy_loss, keep_grads=self.estimator.needs_snapshot)
-
-        ctx = StepContext(self.proxy, train, val, rater_out, train_loss_B.detach().float(), weight_B,
-                          theta_before, self.autocast, gamma, 1.0 / train.B if cfg.bilevel.official_scale else 1.0,
-                          self.opt_proxy, grads)
-        a_B = self.estimator.targets(ctx)
-        rater_loss = self.estimator.loss(rater_out.weight_B, a_B)
-        if not torch.isfinite(rater_loss):
-            return None
+        if est.needs_snapshot:
+            ctx.theta_before = [p.detach().clone() for p in self.proxy.parameters() if p.requires_grad]
+        proxy_gnorm, ctx.grads = self.proxy_step(proxy_loss, keep_grads=est.needs_snapshot)
+        if rater_loss is None:
+            a_B = est.targets(ctx)
+            rater_loss = est.loss(rater_out.weight_B, a_B)
+            if not all_ranks(torch.isfinite(rater_loss)):  # the proxy's update stays (module docstring)
+                return None
+        est.commit()
         rater_gnorm = self.optimizer_step(self.rater, self.opt_rater, rater_loss, self.scalers[1])
         if self.on_coefficients is not None:  # a diagnostic: what this step taught the rater, per pair
             self.on_coefficients({"step": self.step_idx, "gamma": gamma, "ids": list(self.train_ids),
@@ -98,19 +111,18 @@ class BilevelTrainer(TrainLoop):
                 batch, a_old = self.replay.sample()
                 with self.autocast():
                     weight_B = self.rater(batch).weight_B
-                self.optimizer_step(self.rater, self.opt_rater, self.estimator.loss(weight_B, a_old), self.scalers[1])
+                self.optimizer_step(self.rater, self.opt_rater, est.loss(weight_B, a_old), self.scalers[1])
 
         w = rater_out.weight_B.detach().float()
         per_scale = self.proxy.per_scale_loss(val_loss_BL.detach().float())
-        out = {"L_val": val_loss.item(), "weighted_train_loss": weighted.item(),
-               "train_loss": train_loss_B.float().mean().item(), "rater_loss": rater_loss.item(),
-               "gamma": gamma, "lr": cfg.optim.tlr * lr_f, "w_entropy": weight_entropy(w).item(),
-               "w_max": w.max().item(), "w_min": w.min().item(), "group_scalar": float(rater_out.group_scalar.detach()),
+        out = {"L_val": val_loss, "weighted_train_loss": weighted, "train_loss": train_loss_B.float().mean(),
+               "rater_loss": rater_loss, "gamma": gamma, "lr": cfg.optim.tlr * lr_f, "w_entropy": weight_entropy(w),
+               "w_max": w.max(), "w_min": w.min(), "group_scalar": rater_out.group_scalar,
                "proxy_grad_norm": proxy_gnorm, "rater_grad_norm": rater_gnorm}
-        out.update({f"L_val_s{i}": v for i, v in enumerate(per_scale.tolist())})
-        return out
+        out.update({f"L_val_s{i}": v for i, v in enumerate(per_scale.unbind())})
+        return host_floats(out)  # one device-to-host copy for all of them
 
-    def proxy_step(self, loss: torch.Tensor, keep_grads: bool = False) -> tuple[float, list | None]:
+    def proxy_step(self, loss: torch.Tensor, keep_grads: bool = False) -> tuple[torch.Tensor | float, list | None]:
         """One update of the proxy on ``loss`` with its optimiser and scaler: the gradient norm, and
         with ``keep_grads`` a copy of the gradient the update used (the lookahead rule needs it)."""
         if self.opt_proxy is None:
@@ -121,7 +133,7 @@ class BilevelTrainer(TrainLoop):
         self.step(self.opt_proxy, self.scalers[0])
         return gnorm, grads
 
-    def plain_proxy_step(self, batch: TokenBatch) -> float:
+    def plain_proxy_step(self, batch: TokenBatch) -> torch.Tensor | float:
         """A plain (unweighted) proxy step on one batch, in the run's precision: the step a bilevel
         step is compared with (benchmarks, rule comparisons)."""
         with self.autocast():

@@ -15,10 +15,10 @@ from alchemist.data.sampler import Stream
 from alchemist.data.tokens import Featurizer
 from alchemist.evaluation.metrics import heldout_token_loss
 from alchemist.loop import TrainLoop
-from alchemist.runtime import make_stream, resume_checkpoint, setup_runtime
-from alchemist.utils.dist import broadcast_params
+from alchemist.runtime import encoder_amp_dtype, make_stream, resume_checkpoint, setup_runtime
+from alchemist.utils.dist import all_ranks, broadcast_params
 from alchemist.utils.io import check_writable
-from alchemist.utils.metrics import check_wandb
+from alchemist.utils.metrics import check_wandb, host_floats
 from alchemist.utils.optim import build_optimizer, set_lr
 
 
@@ -51,10 +51,10 @@ class T2ITrainer(TrainLoop):
         self.proxy.train()
         with self.autocast():
             loss = self.proxy.per_sample_loss(batch).float().mean()
-        if not torch.isfinite(loss):
+        if not all_ranks(torch.isfinite(loss)):  # every rank skips together
             return None
         gnorm = self.optimizer_step(self.proxy, self.opt, loss, self.scaler)
-        return {"loss": loss.item(), "lr": lr, "grad_norm": gnorm}
+        return host_floats({"loss": loss, "lr": lr, "grad_norm": gnorm})
 
     def end_of_epoch(self) -> dict[str, float]:
         return self.evaluate()
@@ -91,7 +91,7 @@ def train_t2i(cfg: T2IConfig) -> dict[str, Any]:
     vqvae = build_tokenizer(cfg.model, rt.device)
     text_encoder = build_text_encoder(cfg.model, rt.device)
     proxy = build_proxy(cfg.model, text_encoder.width, rt.device)
-    featurize = Featurizer(vqvae, text_encoder, rt.device)
+    featurize = Featurizer(vqvae, text_encoder, rt.device, encoder_amp_dtype(cfg.model, cfg.optim, rt.device))
 
     def evaluate() -> dict[str, float]:
         val.sampler.set_epoch(0)

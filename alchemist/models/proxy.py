@@ -33,8 +33,10 @@ class Proxy(ScaleTransformer):
 
     @classmethod
     def from_config(cls, mcfg: ModelConfig, text_dim: int) -> Proxy:
-        return cls(mcfg.depth, mcfg.vocab_size, mcfg.Cvae, mcfg.patch_nums, text_dim,
-                   drop_path_rate=mcfg.drop_path_rate, rope_norm=mcfg.rope_norm, rope_theta=mcfg.rope_theta)
+        proxy = cls(mcfg.depth, mcfg.vocab_size, mcfg.Cvae, mcfg.patch_nums, text_dim,
+                    drop_path_rate=mcfg.drop_path_rate, rope_norm=mcfg.rope_norm, rope_theta=mcfg.rope_theta)
+        proxy.set_attn_impl(mcfg.attn_impl)
+        return proxy
 
     def logits(self, h_BlC: Tensor) -> Tensor:
         """At least fp32 (under bf16/fp16 autocast the loss needs it); float64 models stay float64."""

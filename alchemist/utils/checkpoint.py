@@ -1,5 +1,5 @@
 """Atomic, rotating checkpoints, reading them back (falling back past a damaged one), and the RNG
-state needed to resume a run exactly."""
+state (every rank's) needed to resume a run exactly."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from alchemist.utils.dist import is_dist
 from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_torch_save
 
@@ -105,3 +107,26 @@ def restore_rng(rng: dict[str, Any]) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def gather_rng() -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order, on every rank: a collective, so every rank calls it.
+    Ranks draw different drop-path masks (seeded ``seed + rank``), so resuming them all from rank 0's
+    state would not continue the run."""
+    mine = capture_rng()
+    if not is_dist():
+        return [mine]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def restore_rank_rng(saved: list[dict[str, Any]] | dict[str, Any]) -> bool:
+    """Restore this rank's state from ``gather_rng``'s list (an older checkpoint's single state counts
+    as one rank's). False, restoring nothing, when it was saved by another number of processes."""
+    states = [saved] if isinstance(saved, dict) else list(saved)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_dist() else (0, 1)
+    if len(states) != world:
+        return False
+    restore_rng(states[rank])
+    return True

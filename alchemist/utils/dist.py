@@ -37,6 +37,18 @@ def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def all_ranks(ok: bool | torch.Tensor) -> bool:
+    """True when ``ok`` holds on every rank (a MIN all-reduce of a flag), so every rank takes the same
+    branch: a rank that returned early alone would leave the others' all-reduces without a partner
+    (they pair with the wrong step or hang). One host read of the flag; no collective on one process."""
+    if not is_dist():
+        return bool(ok)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.as_tensor(ok).to(device=device, dtype=torch.int32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def average_grads(params) -> None:
     """All-reduce the ``.grad`` of ``params`` to their mean over ranks (one flat buffer per dtype)."""
     if not is_dist():

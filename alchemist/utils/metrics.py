@@ -8,6 +8,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_open
 
@@ -59,6 +61,16 @@ class MetricsLogger:
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def host_floats(values: dict[str, Any]) -> dict[str, Any]:
+    """The same dict with every 0-dim tensor turned into a float by one device-to-host copy: a
+    step's logged numbers cost one sync, not one ``.item()`` each."""
+    keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(values)
+    got = torch.stack([values[k].detach().float().reshape(()) for k in keys]).tolist()
+    return {**values, **dict(zip(keys, got))}
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
