@@ -14,9 +14,10 @@
         sweep (scripts/demo.py sweep): held-out loss and caption gain, mean +- std (<sweep>/downstream.md)
     python scripts/experiment.py signal --run runs/sweep/digits/seed0
         AUROC per planted kind of the lookahead signal at a run's final proxy, beside the rater's
-    python scripts/experiment.py trace --run runs/sweep/digits/seed0 --out runs/trace/d0 [--key=value ...]
+    python scripts/experiment.py trace --run runs/sweep/digits/seed0 --out runs/trace/d0 [--refit 4] [--key=value ...]
         reruns that run's rater recording the coefficient each step taught it for every pair; per planted
-        kind and span of steps, the mean z-score of the coefficient and of the rater's logit (trace.md)
+        kind and span of steps, the mean z-score of the coefficient and of the rater's logit (trace.md);
+        --refit N: a fresh rater trained N passes on the recorded coefficients alone
     python scripts/experiment.py classifier --demo runs/demo/data --out runs/demo/attr_clf.pt
         the attribute classifier that judges GenEval-lite and FID-lite, with its held-out accuracy
 """
@@ -158,8 +159,9 @@ def trace_main(argv: list[str]) -> int:
     ap.add_argument("--run", required=True, help="a demo-layout run folder (data/, tokenizer.pt, rater/)")
     ap.add_argument("--out", required=True, help="folder for the rerun, trace.parquet and trace.md")
     ap.add_argument("--spans", type=int, default=4, help="spans of steps the tables average over")
+    ap.add_argument("--refit", type=int, default=0, help="passes of a fresh rater refit on the trace alone")
     args, overrides = ap.parse_known_args(argv)
-    print(coefficient_trace(args.run, args.out, overrides, args.spans))
+    print(coefficient_trace(args.run, args.out, overrides, args.spans, args.refit))
     return 0
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -430,3 +431,20 @@ def test_coefficient_hook_reports_what_each_rater_step_used(tiny_setup):
         assert len(r["ids"]) == len(r["a"]) == len(r["logit"]) == 8 and set(r["ids"]) <= train_ids
         assert abs(float(r["a"].sum())) < 1e-5 and r["a"].std() > 0
     assert len({i for r in records[:2] for i in r["ids"]}) == 16  # one pass over distinct pairs
+
+
+def test_refit_learns_a_signal_that_marks_one_kind(tiny_setup):
+    """Given a trace whose coefficients call every noise pair harmful (+1) and the rest helpful (−1),
+    a fresh rater refit on it ranks noise below clean: the refit learns what a trace says."""
+    from experiments.trace import refit
+
+    out = tiny_setup / "refit"
+    train_rater(_cfg(tiny_setup, "rater", ep=1, local_out_dir_path=out))
+    kinds = pd.read_csv(tiny_setup / "data/defects.csv", dtype={"id": str}, keep_default_na=False)
+    kinds = kinds[kinds["split"] == "train"].reset_index(drop=True)
+    a = np.where(kinds["kind"] == "noise", 1.0, -1.0)
+    order = np.random.default_rng(0).permutation(len(kinds))
+    pd.DataFrame({"step": np.arange(len(kinds))[order] // 8, "id": kinds["id"], "a": a}).to_parquet(out / "trace.parquet")
+    result = refit(out, passes=6, standardize=True)
+    assert list(result.index) == [1, 2, 3, 4, 5, 6]
+    assert result["noise"].iloc[-1] > 0.9
