@@ -23,7 +23,7 @@ from alchemist.scoring import DEFAULT_SHARD_ROWS, rate_file
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="rater run dir or checkpoint file")
-    ap.add_argument("--csv", required=True, help="pairs table (.csv / .tsv / .parquet) with id, image path, caption")
+    ap.add_argument("--csv", required=True, help="pairs: a table (.csv / .tsv / .parquet) of id, image path, caption; webdataset .tar shards (a glob or {000..009} range); or parquet with image bytes")
     ap.add_argument("--out", required=True, help="ratings table to write (.csv / .parquet)")
     ap.add_argument("--bs", type=int, default=256, help="rows per forward pass (does not change the score)")
     ap.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="rows per resumable shard")

@@ -46,6 +46,9 @@ class DataConfig:
     # (skipped.csv) before the first step; false skips it (very large tables): bad images then show up
     # when first decoded
     check_images: bool = True
+    # parquet inputs: the column of encoded image bytes ("" = the first binary column named jpg, image,
+    # bytes, png, webp or img; a table without one is a table of image paths)
+    image_bytes_col: str = ""
 
     def __post_init__(self):
         _check(self.image_size > 0, "data.image_size must be positive")

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from alchemist.build import build_rater, build_text_encoder, build_tokenizer
 from alchemist.config import ConfigError, RaterConfig, config_from_dict, config_to_dict, parse_overrides
 from alchemist.data.cache import CacheDataset, collate_cache
-from alchemist.data.pairs import DataError, PairsDataset, SkipLog, collate_pairs, load_pairs
+from alchemist.data.pairs import DataError, PairsDataset, SkipLog, collate_pairs, load_pairs, reason_kind
 from alchemist.data.tokens import Featurizer
 from alchemist.models.blocks import compile_blocks
 from alchemist.models.rater import Rater
@@ -291,6 +291,6 @@ def _merge(table: pd.DataFrame, out_path: Path, root: Path, n_shards: int,
     bad = parts[parts["skipped"] != ""]
     log.extend(zip(bad["id"], bad["skipped"]))
     skip_file = log.write(skipped_path(out_path))
-    counts = collections.Counter(reason.split(":")[0] for _, reason in log.items)
+    counts = collections.Counter(reason_kind(reason) for _, reason in log.items)
     detail = f" ({', '.join(f'{n} {r}' for r, n in counts.most_common())})" if counts else ""
     print(f"rated {len(ratings)} pairs -> {out_path}; skipped {log.count}{detail}, listed in {skip_file}")

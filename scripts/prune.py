@@ -9,16 +9,29 @@ bimodal scores (else 0.15), the shift the paper's (shrunk to fit), the Gaussian 
 --retention is a fraction when it has a decimal point or a % sign (0.5, 50%, 1.0 = all)
 and a row count when it is a whole number (1000). The output keeps the input's columns,
 minus score/rank unless --keep-scores; its format follows --out's extension.
+
+Per-shard ratings (scoring's <ratings>.shards folder, a glob or several parquet files) are pruned
+without loading them whole (alchemist/rank_stream.py: exact ranks from two chunked passes, the same
+selection as in memory); also with --out x.npy (sorted uids, DataComp's subset format) or --keep-column:
+
+    python scripts/prune.py --ratings ratings.parquet.shards --out subset.npy --retention 0.3
+    python scripts/prune.py --ratings 'ratings/*.parquet' --out kept.parquet --keep-column flagged/ ...
+
+There --out .parquet / .csv holds the kept ids with score and rank, and --keep-column DIR gets each
+input file again with rank and a boolean keep column.
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from alchemist.cli import ArgumentParser, non_negative_int, user_errors
+from alchemist.rank_stream import DEFAULT_CHUNK_ROWS, check_out, prune_stream, ratings_files
 from alchemist.ratings import read_ratings, table_format, write_table
 from alchemist.selection import STRATEGIES, parse_retention, prune_table, rank_histogram, resolve_params
 from alchemist.utils.io import check_writable
@@ -27,8 +40,11 @@ from alchemist.utils.io import check_writable
 @user_errors
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratings", required=True, help="ratings table (.csv / .parquet)")
-    ap.add_argument("--out", required=True, help="subset table to write (.csv / .parquet)")
+    ap.add_argument("--ratings", required=True, nargs="+",
+                    help="ratings table (.csv / .parquet), or per-shard ratings: a folder, a glob, several files")
+    ap.add_argument("--out", help="subset to write (.csv / .parquet; .npy: sorted ids, per-shard input)")
+    ap.add_argument("--keep-column", metavar="DIR", help="per-shard input: write each file to DIR with rank and keep")
+    ap.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="per-shard input: rows read at a time")
     ap.add_argument("--strategy", default="shift_gsample", choices=STRATEGIES)
     ap.add_argument("--retention", required=True, type=parse_retention)
     ap.add_argument("--seed", type=non_negative_int, default=0)
@@ -41,9 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     params = {k: getattr(args, k) for k in ("mu", "sigma", "shift", "tail", "start") if getattr(args, k) is not None}
+    if args.out is None and args.keep_column is None:
+        ap.error("give --out, --keep-column or both")
+    one = args.ratings[0]
+    if (len(args.ratings) > 1 or os.path.isdir(one) or glob.has_magic(one) or args.keep_column
+            or (args.out or "").lower().endswith(".npy") or args.out is None):
+        return _prune_shards(args, params)
     table_format(args.out)  # a bad extension or a read-only folder fails before the pruning
     check_writable(Path(args.out).resolve().parent)
-    ratings = read_ratings(args.ratings)
+    ratings = read_ratings(one)
     subset = prune_table(ratings, args.strategy, args.retention, args.seed, keep_scores=True, **params)
     used = resolve_params(args.strategy, len(ratings), args.retention, ratings["score"].to_numpy(), **params)
     n, k = len(ratings), len(subset)
@@ -52,7 +74,25 @@ def main(argv: list[str] | None = None) -> int:
         subset = subset.drop(columns=["score", "rank"])
     write_table(subset, args.out)
 
-    print(f"kept {k} of {n} rows ({k / n:.2%}) with {args.strategy} seed={args.seed} -> {args.out}")
+    _report(args, n, k, used, hist, args.out)
+    return 0
+
+
+def _prune_shards(args: argparse.Namespace, params: dict) -> int:
+    if args.out:
+        check_out(args.out)
+        check_writable(Path(args.out).resolve().parent)
+    files = ratings_files(args.ratings)
+    res = prune_stream(files, args.strategy, args.retention, args.seed, out=args.out, keep_dir=args.keep_column,
+                       chunk_rows=args.chunk_rows, **params)
+    n, k = res["n"], res["kept"]
+    dest = " and ".join(x for x in (args.out, args.keep_column and f"{args.keep_column} (keep column)") if x)
+    _report(args, n, k, res["params"], rank_histogram(res["kept_ranks"], n), f"{dest} ({len(files)} files read)")
+    return 0
+
+
+def _report(args: argparse.Namespace, n: int, k: int, used: dict, hist: np.ndarray, dest: str) -> None:
+    print(f"kept {k} of {n} rows ({k / n:.2%}) with {args.strategy} seed={args.seed} -> {dest}")
     if used:
         print("parameters: " + ", ".join(f"{p} {v:.4g}" for p, v in used.items()))
     print("rank decile   kept   share of decile")
@@ -60,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     for d, (c, size) in enumerate(zip(hist, sizes)):
         share = c / size if size else 0.0
         print(f"  {d * 10:3d}-{d * 10 + 10:3d}%  {c:7d}   {share:6.1%}  {'#' * round(40 * share)}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -225,3 +225,37 @@ def test_a_rerun_removes_the_temp_files_of_killed_writes(setup, tmp_path):
     _score(setup, out)
     assert not any(p.exists() for p in stale) and other.exists()
     assert not list(shards.glob("*.tmp"))
+
+
+def test_shards_and_parquet_bytes_give_the_same_scores_and_tokens(setup, tmp_path):
+    """The pairs as webdataset shards and as parquet with embedded bytes: the same ratings, the same
+    skipped rows, and a feature cache with the same token ids."""
+    from webdata import write_bytes_parquet, write_shards
+
+    table = pd.read_csv(setup["root"] / "data/pairs.csv", dtype=str, keep_default_na=False)
+    table["image_path"] = [str(setup["root"] / "data" / p) for p in table["image_path"]]
+    write_shards(table, tmp_path / "shards", shard_rows=11)
+    write_bytes_parquet(table, tmp_path / "bytes.parquet", row_group_size=8)
+    ref = _score(setup, tmp_path / "csv.parquet")
+    f = setup["featurizer"]
+    build_cache(setup["pairs"], tmp_path / "cache_csv", f.vqvae, f.text_encoder, 16, shard_size=40, batch_size=7,
+                dtype="float32", progress=False)
+    for name, spec in (("tar", str(tmp_path / "shards/*.tar")), ("bytes", tmp_path / "bytes.parquet")):
+        skips = SkipLog()
+        pairs = load_pairs(spec, setup["cfg"].data, skips)
+        assert pairs["id"].tolist() == setup["pairs"]["id"].tolist()
+        out = tmp_path / f"{name}.parquet"
+        r = _score(setup, out, table=pairs, skipped=skips.items)
+        assert r["id"].tolist() == ref["id"].tolist() and r["rank"].tolist() == ref["rank"].tolist()
+        np.testing.assert_array_equal(r["score"].to_numpy(), ref["score"].to_numpy())
+        np.testing.assert_array_equal(r["extra"].to_numpy(), ref["extra"].to_numpy())
+        reasons = pd.read_csv(skipped_path(out)).set_index("id")["reason"]
+        assert sorted(reasons.index) == ["train_00003", "train_00005"]
+        where = "(shard 00000.tar, member train_00003.png)" if name == "tar" else "(file bytes.parquet, row 3)"
+        assert reasons["train_00003"].startswith("unreadable image") and reasons["train_00003"].endswith(where)
+        assert "BytesIO" not in reasons["train_00003"]
+        build_cache(pairs, tmp_path / f"cache_{name}", f.vqvae, f.text_encoder, 16, shard_size=40, batch_size=7,
+                    dtype="float32", progress=False)
+        for part in ("idx", "ok"):
+            np.testing.assert_array_equal(np.load(tmp_path / f"cache_{name}/shard_00000.{part}.npy"),
+                                          np.load(tmp_path / f"cache_csv/shard_00000.{part}.npy"))

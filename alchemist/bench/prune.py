@@ -4,7 +4,11 @@ Each case runs in a fresh child process so that its peak RSS is its own:
   * ``select``: every strategy on N rank positions (``select(N, ...)``), and once from an
     unsorted score array (which adds the argsort that ranks it);
   * ``table`` (with ``table=True``): a synthetic N-row ratings parquet (id, image_save_path, caption,
-    score, rank) pruned end to end: read_ratings → prune_table → write_table (parquet).
+    score, rank) pruned end to end: read_ratings → prune_table → write_table (parquet);
+  * ``shards`` (with ``table=True``): the same rows as per-shard ratings files (id, score, skipped, as
+    scoring writes them; ``SHARD_ROWS`` a file, in scoring's row order, unsorted) pruned by the
+    streaming path (``rank_stream.prune_stream``) into a kept-ids parquet: rows/s and peak memory
+    against the in-memory ``table`` row.
 Peak memory is reported as the child's peak RSS minus its RSS before the case, and for the
 numpy-only cases also as tracemalloc's peak (numpy reports its buffers to tracemalloc).
 The child runs this module (``python -m alchemist.bench.prune CASE_JSON``), which imports no torch.
@@ -25,6 +29,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+SHARD_ROWS = 1 << 20
 STRATEGY_CASES = ("topk", "bottomk", "block", "random", "gsample", "shift_gsample")
 
 
@@ -54,6 +59,15 @@ def run_case(case: dict) -> dict:
         tracemalloc.stop()
         return {"seconds": seconds, "kept": len(idx), "peak_mb": _peak_rss_mb() - base, "traced_mb": traced}
 
+    if case["kind"] == "shards":
+        from alchemist.rank_stream import prune_stream, ratings_files
+
+        t0 = time.perf_counter()
+        res = prune_stream(ratings_files(case["path"]), case["strategy"], retention, seed=0, out=case["out"])
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "kept": res["kept"], "peak_mb": _peak_rss_mb() - base,
+                "rows_per_s": n / seconds, "out_mb": os.path.getsize(case["out"]) / 2**20}
+
     from alchemist.ratings import read_ratings, write_table
     from alchemist.selection import prune_table
 
@@ -64,7 +78,7 @@ def run_case(case: dict) -> dict:
     t2 = time.perf_counter()
     write_table(subset, case["out"])
     t3 = time.perf_counter()
-    return {"seconds": t3 - t0, "read_s": t1 - t0, "select_s": t2 - t1, "write_s": t3 - t2,
+    return {"seconds": t3 - t0, "read_s": t1 - t0, "select_s": t2 - t1, "write_s": t3 - t2, "rows_per_s": n / (t3 - t0),
             "kept": len(subset), "peak_mb": _peak_rss_mb() - base,
             "in_mb": os.path.getsize(case["path"]) / 2**20, "out_mb": os.path.getsize(case["out"]) / 2**20}
 
@@ -87,6 +101,23 @@ def make_table(n: int, path: Path) -> float:
     table = pa.table({"id": ids, "image_save_path": paths, "caption": captions,
                       "score": score, "rank": np.arange(n, dtype=np.int64)})
     pq.write_table(table, path)
+    return time.perf_counter() - t0
+
+
+def make_shards(n: int, root: Path) -> float:
+    """The rows of ``make_table`` as per-shard ratings files in scoring's layout, unsorted (seconds)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for k, lo in enumerate(range(0, n, SHARD_ROWS)):
+        hi = min(n, lo + SHARD_ROWS)
+        ids = pc.utf8_lpad(pc.cast(pa.array(np.arange(lo, hi)), pa.string()), 9, "0")
+        pq.write_table(pa.table({"row": np.arange(lo, hi), "id": ids, "score": rng.standard_normal(hi - lo),
+                                 "skipped": pa.array([""] * (hi - lo))}), root / f"shard_{k:05d}.parquet")
     return time.perf_counter() - t0
 
 
@@ -126,8 +157,18 @@ def run_prune_benchmark(n: int, retentions: Sequence[float] = (0.2, 0.5), table:
                                "path": str(path), "out": str(Path(tmp) / "subset.parquet")})
                 results.append(res)
                 log(f"table    N={n:,} shift_gsample r={r:.2f}  {res['seconds']:6.2f} s "
-                    f"(read {res['read_s']:.2f}, select {res['select_s']:.2f}, write {res['write_s']:.2f})  "
+                    f"({res['rows_per_s'] / 1e6:.2f} M rows/s; read {res['read_s']:.2f}, select {res['select_s']:.2f}, "
+                    f"write {res['write_s']:.2f})  "
                     f"peak +{res['peak_mb']:7.0f} MiB RSS")
+            shards = Path(tmp) / "ratings.parquet.shards"
+            built = make_shards(n, shards)
+            log(f"shards   built {len(list(shards.iterdir()))} per-shard files in {built:.1f} s")
+            for r in retentions:
+                res = measure({"kind": "shards", "n": n, "strategy": "shift_gsample", "retention": r,
+                               "path": str(shards), "out": str(Path(tmp) / "kept.parquet")})
+                results.append(res)
+                log(f"shards   N={n:,} shift_gsample r={r:.2f}  {res['seconds']:6.2f} s "
+                    f"({res['rows_per_s'] / 1e6:.2f} M rows/s, streaming)  peak +{res['peak_mb']:7.0f} MiB RSS")
     return results
 
 

@@ -12,6 +12,7 @@ import concurrent.futures
 import csv
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -23,7 +24,8 @@ import torch
 from PIL import Image, ImageOps
 
 from alchemist.config import DataConfig
-from alchemist.utils.errors import UserError
+from alchemist.data import members, sources
+from alchemist.data.sources import DataError  # noqa: F401  (defined with the readers; imported from here too)
 from alchemist.utils.io import atomic_open
 
 log = logging.getLogger(__name__)
@@ -34,10 +36,7 @@ SKIP_EMPTY_CAPTION = "empty caption"
 SKIP_MISSING_FILE = "missing file"
 SKIP_NOT_A_FILE = "not a file"  # a directory or another non-regular path
 SKIP_UNREADABLE = "unreadable image"
-
-
-class DataError(UserError):
-    """A user-fixable problem with the data; the message names the thing and the fix."""
+SKIP_NO_IMAGE = "no image"  # a webdataset sample without an image member, a null bytes cell
 
 
 # ----------------------------------------------------------------------------- images
@@ -90,7 +89,7 @@ def load_image(path: str, size: int) -> torch.Tensor:
     PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left at its default (False) so that a truncated
     file fails in ``load()`` instead of silently coming back with grey rows.
     """
-    with Image.open(path) as img:
+    with Image.open(members.open_image_file(path)) as img:
         img.load()
         ImageOps.exif_transpose(img, in_place=True)
         return preprocess_image(img, size)
@@ -99,12 +98,20 @@ def load_image(path: str, size: int) -> torch.Tensor:
 def unreadable(e: BaseException) -> str:
     """The skip reason for an image PIL could not open or decode: the error's type and first line."""
     msg = str(e).splitlines()[0][:200] if str(e) else ""
+    msg = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", msg)  # bytes from a shard: no address
     return f"{SKIP_UNREADABLE}: {type(e).__name__}" + (f": {msg}" if msg else "")
+
+
+def reason_kind(reason: str) -> str:
+    """A skip reason without its detail (the error text, where the sample is): for counts."""
+    return reason.split(":")[0].split(" (")[0]
 
 
 def path_problem(path: str) -> str:
     """"missing file" (no path, nothing there, a broken link), "not a file" (a directory, a device)
-    or "" for a regular file."""
+    or "" for a regular file (for a member locator: of its container)."""
+    if path and members.is_member(path):
+        path = members.container(path)
     if not (path and os.path.exists(path)):
         return SKIP_MISSING_FILE
     return "" if os.path.isfile(path) else SKIP_NOT_A_FILE
@@ -121,10 +128,12 @@ def image_problem(path: str) -> str:
     if problem:
         return problem
     try:
-        with Image.open(path) as img:
+        with Image.open(members.open_image_file(path)) as img:
             img.draft("RGB", (1, 1))  # JPEG only: decode at the smallest DCT scale (same entropy data)
             img.load()
             img.getexif()
+    except members.NoImage:
+        return SKIP_NO_IMAGE
     except Exception as e:  # a corrupt file can raise nearly anything (OSError, SyntaxError, zlib.error, ...)
         return unreadable(e)
     return ""
@@ -250,32 +259,48 @@ def _captions(df: pd.DataFrame, cfg: DataConfig, path: Path) -> pd.Series:
     return caps
 
 
-def load_pairs(path: str | os.PathLike, cfg: DataConfig, skip_log: SkipLog | None = None) -> pd.DataFrame:
-    """Read a CSV/parquet table of pairs into the canonical form used everywhere else.
+def load_pairs(path: sources.Spec, cfg: DataConfig, skip_log: SkipLog | None = None) -> pd.DataFrame:
+    """Read pairs into the canonical table used everywhere else.
 
-    Output columns: ``id`` (str), ``image_path`` (absolute str), ``caption`` (str), then every other
-    input column unchanged and in input order. An input column that has a canonical name is
-    replaced by the canonical value (e.g. a relative ``image_path`` becomes absolute, ``caption``
-    becomes the re-caption where one is used). Relative image paths resolve against the table's
-    folder. Rows with an empty caption, a missing image file or a path that is not a file (a
-    directory) are dropped and recorded in ``skip_log`` (and counted in a log line either way); so,
-    with ``cfg.check_images`` (the default), is every image that fails ``image_problem``'s pre-pass,
-    so that the bad rows are known, and listed, before any training step. Without it, an
-    unreadable image is found when :class:`PairsDataset` decodes it and skipped at batch time.
+    ``path`` is a CSV/parquet table of image paths, or webdataset tar shards (a ``.tar``, a glob,
+    a ``{000..009}`` range or a list), or parquet file(s) with an image-bytes column (``sources.py``).
+    Output columns: ``id`` (str), ``image_path`` (absolute str, or a member locator for an image
+    inside a shard or parquet file: ``members.py``), ``caption`` (str), then every other input column
+    unchanged and in input order. An input column that has a canonical name is replaced by the
+    canonical value (e.g. a relative ``image_path`` becomes absolute, ``caption`` becomes the
+    re-caption where one is used). Relative image paths resolve against the table's folder. Rows with
+    an empty caption, a missing image file or a path that is not a file (a directory) are dropped and
+    recorded in ``skip_log`` (and counted in a log line either way); so, with ``cfg.check_images``
+    (the default), is every image that fails ``image_problem``'s pre-pass, so that the bad rows are
+    known, and listed, before any training step. Without it, an unreadable image is found when
+    :class:`PairsDataset` decodes it and skipped at batch time. Reasons of samples from shards or
+    byte tables end with where the sample is: ``(shard 00001.tar, key 000000042)``.
     """
-    path = Path(path)
-    df = _read_table(path, [c for c in (cfg.id_col, cfg.image_col, *IMAGE_COLUMN_CANDIDATES,
-                                        cfg.caption_col, cfg.recaption_col) if c])
-    image_col = _pick_image_col(df, cfg, path)
+    kind, files = sources.resolve(path, cfg)
+    if kind == "table":
+        path = files[0]
+        df = _read_table(path, [c for c in (cfg.id_col, cfg.image_col, *IMAGE_COLUMN_CANDIDATES,
+                                            cfg.caption_col, cfg.recaption_col) if c])
+        image_col = _pick_image_col(df, cfg, path)
+        where = None
+    else:
+        df = sources.read_shards(files, cfg) if kind == "shards" else sources.read_bytes_tables(files, cfg)
+        where = df.pop(sources.WHERE_COLUMN).to_numpy(dtype=object)
+        image_col = sources.LOCATOR_COLUMN
+        path = str(files[0]) + (f" (+{len(files) - 1} more)" if len(files) > 1 else "")
     captions = _captions(df, cfg, path)
     ids = _ids(df, cfg, path)
 
-    base = path.resolve().parent
     rel = df[image_col]
     no_path = _is_empty(rel)
-    image_paths = [("" if missing else os.path.normpath(base / str(p))) for p, missing in zip(rel, no_path)]
+    if where is None:
+        base = Path(path).resolve().parent
+        image_paths = [("" if missing else os.path.normpath(base / str(p))) for p, missing in zip(rel, no_path)]
+    else:
+        image_paths = [("" if missing else str(p)) for p, missing in zip(rel, no_path)]
     empty_caption = _is_empty(captions)
-    reasons = np.array([SKIP_EMPTY_CAPTION if no_caption else path_problem(p)
+    reasons = np.array([SKIP_EMPTY_CAPTION if no_caption else
+                        SKIP_NO_IMAGE if (where is not None and not p) else path_problem(p)
                         for p, no_caption in zip(image_paths, empty_caption)], dtype=object)
     if cfg.check_images:
         todo = np.flatnonzero(reasons == "")
@@ -283,15 +308,17 @@ def load_pairs(path: str | os.PathLike, cfg: DataConfig, skip_log: SkipLog | Non
         reasons[todo] = check_images([image_paths[i] for i in todo], cfg.num_workers)
         log.info("%s: checked %d images in %.1fs", path, len(todo), time.perf_counter() - t0)
     bad = reasons != ""
+    if where is not None:
+        reasons[bad] = [f"{r} ({w})" for r, w in zip(reasons[bad], where[bad])]
     skipped = list(zip(ids[bad], reasons[bad]))
     if skip_log is not None:
         skip_log.extend(skipped)
-    counts = collections.Counter(r.split(":")[0] for _, r in skipped)
+    counts = collections.Counter(reason_kind(r) for _, r in skipped)
     detail = ", ".join(f"{n} {r}" for r, n in counts.most_common())
     if skipped:
         log.warning("%s: skipped %d of %d rows (%s)", path, len(skipped), len(df), detail)
     if bad.all():
-        raise DataError(f"data table {str(path)!r} has no usable rows ({len(df)} rows"
+        raise DataError(f"data {str(path)!r} has no usable rows ({len(df)} rows"
                         + (f": {detail}" if detail else "") + "); check the caption column and that "
                         "image paths are correct relative to the table's folder")
 
@@ -346,10 +373,12 @@ class PairsDataset(torch.utils.data.Dataset):
         caption = "" if drop else self.captions[i].as_py()
         item = {"index": i, "id": self.ids[i].as_py(), "img_3HW": None, "caption": caption, "error": None,
                 "image_size": self.image_size}
+        path = self.paths[i].as_py()
         try:
-            item["img_3HW"] = load_image(self.paths[i].as_py(), self.image_size)
+            item["img_3HW"] = load_image(path, self.image_size)
         except Exception as e:  # a corrupt file can raise nearly anything (OSError, SyntaxError, zlib.error, ...)
-            item["error"] = unreadable(e)
+            item["error"] = ((SKIP_NO_IMAGE if isinstance(e, members.NoImage) else unreadable(e))
+                             + (f" ({members.describe(path)})" if members.is_member(path) else ""))
         return item
 
 
