@@ -65,3 +65,11 @@ class TokenBatch:
     def index(self, sel) -> TokenBatch:
         final = None if self.final_BlC is None else self.final_BlC[sel]
         return TokenBatch(self.idx_BL[sel], self.x_BLC[sel], self.text.index(sel), final)
+
+    @staticmethod
+    def cat(batches: list[TokenBatch]) -> TokenBatch:
+        """Row-wise concatenation (a table featurised in chunks); captions padded as ``TextFeatures.cat``."""
+        finals = [b.final_BlC for b in batches]
+        return TokenBatch(torch.cat([b.idx_BL for b in batches]), torch.cat([b.x_BLC for b in batches]),
+                          TextFeatures.cat([b.text for b in batches]),
+                          None if any(f is None for f in finals) else torch.cat(finals))

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alchemist.batch import TextFeatures, TokenBatch
+from alchemist.batch import TokenBatch
 from alchemist.bilevel.launch import train_rater
 from alchemist.build import build_rater, build_text_encoder, build_tokenizer
 from alchemist.config import RaterConfig, config_from_dict, config_to_dict, load_config
@@ -72,8 +72,7 @@ def refit(out: str | Path, passes: int, standardize: bool, seed: int = 0) -> pd.
     ds = PairsDataset(table, cfg.data.image_size)
     every = [featurize(collate_pairs([ds[i] for i in range(lo, min(len(ds), lo + 256))]))
              for lo in range(0, len(ds), 256)]
-    rows = TokenBatch(torch.cat([b.idx_BL for b in every]), torch.cat([b.x_BLC for b in every]),
-                      TextFeatures.cat([b.text for b in every]), torch.cat([b.final_BlC for b in every]))
+    rows = TokenBatch.cat(every)
     position = {i: k for k, i in enumerate(table["id"].astype(str))}
     kinds = table["id"].astype(str).map(
         pd.read_csv(Path(cfg.data.train_csv_path).parent / "defects.csv", dtype={"id": str},

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from alchemist.batch import TextFeatures, TokenBatch
+from alchemist.batch import TokenBatch
 from alchemist.config import ModelConfig, RaterConfig, load_config, parse_overrides
 from alchemist.data.tokens import Featurizer
 from alchemist.models.vqvae import VQVAE
@@ -132,8 +132,7 @@ def synthetic_raw(n: int, image_size: int, words: list[str], length: tuple[int, 
 def featurize_in_chunks(featurize: Featurizer, raw: dict, chunk: int) -> TokenBatch:
     parts = [featurize({"img_B3HW": raw["img_B3HW"][i:i + chunk], "captions": raw["captions"][i:i + chunk]})
              for i in range(0, len(raw["captions"]), chunk)]
-    return TokenBatch(torch.cat([p.idx_BL for p in parts]), torch.cat([p.x_BLC for p in parts]),
-                      TextFeatures.cat([p.text for p in parts]), torch.cat([p.final_BlC for p in parts]))
+    return TokenBatch.cat(parts)
 
 
 def cache_batch(tb: TokenBatch) -> dict:
