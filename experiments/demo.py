@@ -8,6 +8,7 @@ where it stopped. Outputs go under ``out`` (runs/demo by default).
 """
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -21,9 +22,10 @@ from alchemist.evaluation.samples import sample_grid
 from alchemist.evaluation.train import train_t2i
 from alchemist.plots import plot_rank_bands, plot_selection
 from alchemist.ratings import read_ratings, write_ratings
-from alchemist.scoring import rate_file
+from alchemist.scoring import rate_file, shards_dir
 from alchemist.selection import prune_table
 from alchemist.tokenizer_training import train_tokenizer_for
+from alchemist.utils.checkpoint import latest_checkpoint
 from alchemist.utils.errors import UserError
 from experiments.demo_data import DemoSpec, format_summary, generate_demo
 from experiments.digits_data import DigitsSpec, generate_digits
@@ -91,9 +93,11 @@ def run_demo(out: str | Path = "runs/demo", n_train: int = 2000, n_val: int = 50
 
     t = stage("4. scoring the training set")
     ratings_path = out / "ratings.parquet"
-    if ratings_path.exists():
+    if ratings_path.exists() and ratings_path.stat().st_mtime >= latest_checkpoint(cfg.output.run_dir).stat().st_mtime:
         print(f"reusing {ratings_path}")
-    else:
+    else:  # none yet, or the rater changed since (e.g. a rerun added the distillation stage)
+        ratings_path.unlink(missing_ok=True)
+        shutil.rmtree(shards_dir(ratings_path), ignore_errors=True)
         rate_file(cfg.output.run_dir, data / "train.csv", ratings_path, overrides=[f"--ckpt_path={out}"])
     ratings = read_ratings(ratings_path)
     done(t)

@@ -73,7 +73,7 @@ def swept(tmp_path_factory):
     """Two seeds of the whole pipeline at toy size."""
     out = tmp_path_factory.mktemp("sweep")
     args = ["--n-train", "64", "--n-val", "16", "--tokenizer-steps", "2", "--ep=1", "--bs=8", "--depth=1",
-            "--raterDepth=1", "--text_max_len=16", "--num_workers=0"]
+            "--raterDepth=1", "--text_max_len=16", "--num_workers=0", "--distill_steps=10"]
     return out, run_sweep("demo", [0, 1], out, jobs=2, args=args)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from alchemist.bilevel.distill import needs_distillation, run_distillation, undo_distillation
 from alchemist.bilevel.estimators import estimator_class
 from alchemist.bilevel.trainer import BilevelTrainer
 from alchemist.build import build_proxy, build_rater, build_text_encoder, build_tokenizer
@@ -10,7 +11,7 @@ from alchemist.config import ConfigError, RaterConfig
 from alchemist.data.pairs import SkipLog, load_pairs
 from alchemist.data.tokens import Featurizer
 from alchemist.runtime import encoder_amp_dtype, make_stream, resume_checkpoint, setup_runtime
-from alchemist.utils.io import check_writable
+from alchemist.utils.io import check_writable, write_json
 from alchemist.utils.metrics import check_wandb
 
 
@@ -41,4 +42,11 @@ def train_rater(cfg: RaterConfig, on_coefficients: Callable[[dict[str, Any]], No
     featurize = Featurizer(vqvae, text_encoder, rt.device, encoder_amp_dtype(cfg.model, cfg.optim, rt.device))
     trainer = BilevelTrainer(cfg, proxy, rater, featurize, val, train, rt.device,
                              is_main=rt.is_main, on_skipped=skip_log.extend, on_coefficients=on_coefficients)
-    return trainer.run(skip_log, rt.rank, rt.world, resumed)
+    summary = trainer.run(skip_log, rt.rank, rt.world, resumed)
+    if needs_distillation(cfg, trainer.distilled):
+        summary.update(run_distillation(cfg, trainer, train_table, val_table, rt))
+        if rt.is_main:
+            write_json(summary, cfg.output.run_dir / "summary.json")
+    elif not cfg.bilevel.distill_steps and trainer.rater_online is not None:
+        undo_distillation(trainer)
+    return summary

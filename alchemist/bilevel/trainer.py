@@ -47,6 +47,9 @@ class BilevelTrainer(TrainLoop):
         self.replay = ReplayBuffer(cfg.bilevel.replay_size)
         self._train_iter = None
         self.on_coefficients, self.train_ids = on_coefficients, []
+        # the distillation stage's record, and the rater the loop ended with (bilevel/distill.py)
+        self.distilled: dict[str, float] | None = None
+        self.rater_online: dict[str, torch.Tensor] | None = None
 
     def epoch_batches(self) -> Iterator[tuple]:
         """One pass over the validation loader, each batch paired with the next training batch."""
@@ -151,7 +154,8 @@ class BilevelTrainer(TrainLoop):
                 "proxy": self.proxy.state_dict(), "rater": self.rater.state_dict(),
                 "opt_proxy": None if self.opt_proxy is None else self.opt_proxy.state_dict(),
                 "opt_rater": self.opt_rater.state_dict(), "scalers": [s.state_dict() for s in self.scalers],
-                "estimator": self.estimator.state_dict(), "replay": self.replay.state_dict()}
+                "estimator": self.estimator.state_dict(), "replay": self.replay.state_dict(),
+                "distilled": self.distilled, "rater_online": self.rater_online}
 
     def load_extra_state(self, ckpt: dict[str, Any]) -> None:
         self.proxy.load_state_dict(ckpt["proxy"])
@@ -163,5 +167,6 @@ class BilevelTrainer(TrainLoop):
             s.load_state_dict(st)
         self.estimator.load_state_dict(ckpt["estimator"])
         self.replay.load_state_dict(ckpt.get("replay", []), self.device)
+        self.distilled, self.rater_online = ckpt.get("distilled"), ckpt.get("rater_online")
         self.val.epoch, self.val.used = ckpt["val_pos"]
         self.train.epoch, self.train.used = ckpt["train_pos"]

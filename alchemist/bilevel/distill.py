@@ -1,0 +1,206 @@
+"""Distillation: after the bilevel loop, teach the rater what the final proxy's signal says about every pair.
+
+Why: the per-step signal the rater learns from online is one noisy look at each pair per epoch,
+taken by a proxy that is still changing, and the rater integrates all of it, early lessons included
+(docs/results.md: at the end of a run the signal ranks noise and blurred pairs at 0.90–1.00 AUROC
+while the rater trained on it online ranks them near 0.5). So once the proxy is trained, every
+training pair gets one clean coefficient from the final proxy, and the rater is fitted to it.
+
+The coefficient is the lookahead rule's at the final proxy θ, one step ahead:
+c_i = ∇l_i(θ)·(P ⊙ v), v = ∇L_val(θ) over the whole validation set, P = 1/(ŝ+eps) the proxy AdamW's
+per-coordinate step size without its curvature term (the last step's gradient is gone; the lr and
+the (1−γ)·s factor are constants that the rank transform below removes). c_i > 0: a small step on
+pair i lowers the validation loss. The rater's logit is regressed on the normal quantile of c's rank
+(rank-based: c is heavy-tailed, and only the ranking is used downstream).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from scipy.special import ndtri
+from torch import nn
+
+from alchemist.batch import TokenBatch
+from alchemist.bilevel.estimators import alignment
+
+
+def adam_step_size(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """1/(ŝ+eps) per coordinate of Adam(W)'s current state (zeros where a parameter has no state)."""
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    out = []
+    for p in params:
+        state, group = opt.state.get(p, {}), group_of[id(p)]
+        if not state:
+            out.append(torch.zeros_like(p))
+            continue
+        s_hat = (state["exp_avg_sq"] / (1 - group["betas"][1] ** float(state["step"]))).sqrt()
+        out.append(1.0 / (s_hat + group["eps"]))
+    return out
+
+
+def val_gradient(proxy: nn.Module, params: list[torch.Tensor], val: Iterable[TokenBatch],
+                 autocast: Callable[[], object]) -> list[torch.Tensor]:
+    """∇ of the mean per-sample validation loss over every batch of ``val`` (eval mode)."""
+    total = [torch.zeros_like(p) for p in params]
+    n = 0
+    for batch in val:
+        with autocast():
+            loss = proxy.per_sample_loss(batch).float().sum()
+        for t, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:
+                t.add_(g)
+        n += batch.B
+    return [t / max(n, 1) for t in total]
+
+
+def pair_signal(proxy: nn.Module, opt: torch.optim.Optimizer, val: Iterable[TokenBatch],
+                train: Iterable[tuple[list, TokenBatch]], eps: float,
+                autocast: Callable[[], object]) -> dict[str, float]:
+    """id -> c_i for every (ids, batch) of ``train`` (module docstring); the proxy is left as it was."""
+    was_training = proxy.training
+    proxy.eval()
+    params = [p for p in proxy.parameters() if p.requires_grad]
+    v = val_gradient(proxy, params, val, autocast)
+    u = [s * g for s, g in zip(adam_step_size(opt, params), v)]
+    theta = [p.detach().clone() for p in params]
+    out: dict[str, float] = {}
+    for ids, batch in train:
+        c_B = alignment(proxy, params, theta, u, batch, eps, autocast)
+        out.update(zip(map(str, ids), c_B.float().cpu().tolist()))
+    proxy.train(was_training)
+    return out
+
+
+def rank_target(c: np.ndarray) -> np.ndarray:
+    """The standard-normal quantile of each value's rank (ties share their mean rank)."""
+    order = c.argsort(kind="stable")
+    ranks = np.empty(len(c))
+    ranks[order] = np.arange(1, len(c) + 1)
+    _, inverse, counts = np.unique(c, return_inverse=True, return_counts=True)
+    if (counts > 1).any():  # mean rank within ties
+        ranks = (np.bincount(inverse, ranks) / counts)[inverse]
+    return ndtri(ranks / (len(c) + 1))
+
+
+def distill_loss(logit_B: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of the instance logit to its target."""
+    return (logit_B.float() - target_B).pow(2).mean()
+
+
+def fit_rater(rater: nn.Module, step: Callable[[torch.Tensor], object], batches: Iterable[tuple[list, TokenBatch]],
+              target: dict[str, float], steps: int, autocast: Callable[[], object],
+              progress: bool = True) -> list[float]:
+    """``steps`` updates of the rater's logit towards ``target`` (id -> value) on ``batches`` (cycled
+    by the caller); ``step(loss)`` applies one optimiser update. Returns each step's loss."""
+    from tqdm.auto import tqdm
+
+    rater.train()
+    losses = []
+    it = iter(batches)
+    for _ in tqdm(range(steps), desc="distill", disable=not progress, dynamic_ncols=True):
+        ids, batch = next(it)
+        keep = [k for k, i in enumerate(ids) if str(i) in target]
+        if not keep:
+            continue
+        batch = batch.index(torch.tensor(keep, device=batch.idx_BL.device))
+        t_B = torch.tensor([target[str(ids[k])] for k in keep], dtype=torch.float32, device=batch.idx_BL.device)
+        with autocast():
+            logit_B = rater(batch).logit_B
+        loss = distill_loss(logit_B, t_B)
+        step(loss)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def distill_settings(cfg) -> dict[str, float]:
+    """What the stage's result depends on beyond the checkpoint: a rerun with other values redoes it."""
+    b = cfg.bilevel
+    return {"distill_steps": b.distill_steps, "distill_lr": b.distill_lr, "distill_pairs": b.distill_pairs}
+
+
+def needs_distillation(cfg, distilled: dict | None) -> bool:
+    """The stage is asked for and was not done with these settings."""
+    settings = distill_settings(cfg)
+    return bool(cfg.bilevel.distill_steps) and (distilled is None or
+                                                 any(distilled.get(k) != v for k, v in settings.items()))
+
+
+def run_distillation(cfg, trainer, train_table, val_table, rt) -> dict[str, float]:
+    """The stage ``train_rater`` runs after the bilevel loop when ``bilevel.distill_steps`` > 0: the
+    final proxy's signal for ``bilevel.distill_pairs`` training pairs drawn at random (all of a
+    smaller table), held featurised in memory, and the rater fitted to it on them, starting from the
+    rater the loop ended with (kept in the checkpoint as ``rater_online``); a checkpoint marked
+    ``distilled`` with the settings (a rerun with the same ones skips the stage). Every process computes the same signal and takes the
+    same steps on the same batches, so the replicas stay equal without communication."""
+    import dataclasses
+    import time
+
+    from tqdm.auto import tqdm
+
+    from alchemist.runtime import make_stream
+    from alchemist.utils.optim import build_optimizer
+
+    t0 = time.perf_counter()
+    if trainer.rater_online is None:
+        trainer.rater_online = {k: v.detach().clone() for k, v in trainer.rater.state_dict().items()}
+    else:  # a redo with other settings starts from the rater the loop ended with
+        trainer.rater.load_state_dict(trainer.rater_online)
+    progress = trainer.is_main and cfg.logging.progress
+    one = dataclasses.replace(rt, rank=0, world=1)
+    stream = lambda table, split, shuffle, seed: make_stream(  # noqa: E731
+        table, cfg.data, split, one, shuffle=shuffle, drop_last=False, caption_dropout=0.0, seed=seed)
+
+    def featurized(raws):
+        for raw in raws:
+            batch = trainer.featurize(raw)
+            if batch is not None and batch.B:
+                yield raw.get("ids", []), batch
+
+    val = (b for _, b in featurized(stream(val_table, "val", False, cfg.seed).epoch_batches()))
+    held = list(_first_pairs(featurized(stream(train_table, "train", True, cfg.seed + 2).epoch_batches()),
+                             cfg.bilevel.distill_pairs))
+    signal = pair_signal(trainer.proxy, trainer.opt_proxy, val,
+                         tqdm(held, desc="distill signal", disable=not progress, dynamic_ncols=True),
+                         cfg.bilevel.lookahead_eps, trainer.autocast)
+    ids = list(signal)
+    target = dict(zip(ids, rank_target(np.array([signal[i] for i in ids]))))
+    o = cfg.optim
+    opt = build_optimizer(trainer.rater, o.opt, cfg.bilevel.distill_lr or o.rater_lr, o.rater_wd, (o.beta1, o.beta2))
+    scaler = trainer.new_scaler()
+    losses = fit_rater(trainer.rater, lambda loss: trainer.optimizer_step(trainer.rater, opt, loss, scaler),
+                       _shuffled_cycle(held, cfg.seed), target, cfg.bilevel.distill_steps, trainer.autocast, progress)
+    trainer.rater.eval()
+    trainer.distilled = {**distill_settings(cfg), "pairs": len(ids), "steps_taken": len(losses), "loss_first": losses[0] if losses else float("nan"),
+                         "loss_last": float(np.mean(losses[-10:])) if losses else float("nan"),
+                         "seconds": time.perf_counter() - t0}
+    trainer.save()
+    return {(k if k.startswith("distill_") else f"distill_{k}"): v for k, v in trainer.distilled.items()}
+
+
+def undo_distillation(trainer) -> None:
+    """Back to the rater the loop ended with (a rerun with ``bilevel.distill_steps`` = 0)."""
+    trainer.rater.load_state_dict(trainer.rater_online)
+    trainer.distilled = trainer.rater_online = None
+    trainer.save()
+
+
+def _first_pairs(batches: Iterable[tuple[list, TokenBatch]], n: int) -> Iterator[tuple[list, TokenBatch]]:
+    """The batches up to ``n`` pairs in all (the last one cut)."""
+    left = n
+    for ids, batch in batches:
+        if left <= 0:
+            return
+        if batch.B > left:
+            ids, batch = ids[:left], batch.index(slice(0, left))
+        left -= batch.B
+        yield ids, batch
+
+
+def _shuffled_cycle(held: list, seed: int) -> Iterator:
+    """``held`` over and over, each pass in a new random order."""
+    rng = np.random.default_rng(seed)
+    while True:
+        for j in rng.permutation(len(held)):
+            yield held[j]

@@ -1,0 +1,103 @@
+"""The distillation stage: its signal against brute force, its target, a real tiny run and its resume."""
+import numpy as np
+import pytest
+import torch
+from scipy.special import ndtri
+from scipy.stats import spearmanr
+
+from alchemist.batch import TokenBatch
+from alchemist.bilevel.distill import adam_step_size, pair_signal, rank_target
+from alchemist.bilevel.launch import train_rater
+from alchemist.build import build_proxy, build_rater, build_text_encoder, build_tokenizer
+from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
+from alchemist.data.tokens import Featurizer
+from alchemist.models.proxy import Proxy
+from alchemist.utils.checkpoint import latest_checkpoint, load_checkpoint
+from alchemist.utils.optim import build_optimizer
+from tests.test_bilevel import PATCH_NUMS, _cfg, _tiny_batch, tiny_setup  # noqa: F401 (a fixture)
+
+NO_AMP = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
+
+
+def test_pair_signal_is_each_pairs_gradient_along_adams_step_of_the_val_gradient():
+    """c_i = ∇l_i(θ)·(v / (ŝ+eps)), v = ∇ of the mean val loss over all val batches; brute force:
+    per-pair autograd gradients, float64."""
+    torch.manual_seed(0)
+    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
+    params = list(proxy.parameters())
+    opt = build_optimizer(proxy, "adamw", 3e-3, 0.05)
+    for s in range(3):
+        proxy.per_sample_loss(_tiny_batch(4, seed=10 + s)).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    val = [_tiny_batch(3, seed=2), _tiny_batch(2, seed=3)]
+    train = [(["a", "b", "c"], _tiny_batch(3, seed=4)), (["d", "e"], _tiny_batch(2, seed=5))]
+    got = pair_signal(proxy, opt, val, train, 1e-4, NO_AMP)
+
+    v = torch.autograd.grad(torch.cat([proxy.per_sample_loss(b) for b in val]).mean(), params)
+    group = {id(p): g for g in opt.param_groups for p in g["params"]}
+    u = [g / ((opt.state[p]["exp_avg_sq"] / (1 - group[id(p)]["betas"][1] ** 3)).sqrt() + group[id(p)]["eps"])
+         for g, p in zip(v, params)]
+    assert all(torch.allclose(s * g, x) for s, g, x in zip(adam_step_size(opt, params), v, u))
+    for ids, batch in train:
+        for k, i in enumerate(ids):
+            g = torch.autograd.grad(proxy.per_sample_loss(batch)[k], params)
+            want = sum((gi * ui).sum() for gi, ui in zip(g, u)).item()
+            assert got[i] == pytest.approx(want, rel=1e-5, abs=1e-10)
+    assert len({round(c, 12) for c in got.values()}) == 5  # five different pairs, five values
+
+
+def test_rank_target_is_the_normal_quantile_of_the_rank_with_ties_shared():
+    c = np.array([3.0, -1.0, 10.0, 3.0, 0.5])
+    t = rank_target(c)
+    ranks = np.array([3.5, 1, 5, 3.5, 2])
+    assert np.allclose(t, ndtri(ranks / 6))
+    assert t[0] == t[3] and np.all(np.diff(t[np.argsort(c, kind="stable")]) >= 0)
+    assert np.allclose(rank_target(-c), -t)  # symmetric: only the order matters
+    assert np.allclose(rank_target(c * 1e6 + 7), t)
+
+
+def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(tiny_setup):  # noqa: F811
+    """After the loop the rater's logits follow the final proxy's signal (recomputed here from the
+    checkpoint's proxy and AdamW state); the checkpoint says so, and a rerun changes nothing."""
+    cfg = _cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=80, distill_lr=3e-3)
+    summary = train_rater(cfg)
+    ck = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
+    assert ck["distilled"]["steps_taken"] == summary["distill_steps_taken"] == 80 and ck["distilled"]["pairs"] == 64
+    assert summary["distill_loss_last"] < 0.5 * summary["distill_loss_first"]
+
+    cpu = torch.device("cpu")
+    text = build_text_encoder(cfg.model, cpu)
+    featurize = Featurizer(build_tokenizer(cfg.model, cpu), text, cpu)
+    proxy = build_proxy(cfg.model, text.width, cpu)
+    proxy.load_state_dict(ck["proxy"])
+    opt = build_optimizer(proxy, cfg.optim.opt, cfg.optim.tlr, cfg.optim.twd, (cfg.optim.beta1, cfg.optim.beta2))
+    opt.load_state_dict(ck["opt_proxy"])
+
+    def rows(path):
+        table = load_pairs(path, cfg.data)
+        ds = PairsDataset(table, cfg.data.image_size)
+        return list(table["id"].astype(str)), featurize(collate_pairs([ds[i] for i in range(len(ds))]))
+
+    (_, val), (ids, train) = rows(cfg.data.val_csv_path), rows(cfg.data.train_csv_path)
+    signal = pair_signal(proxy, opt, [val], [(ids, train)], cfg.bilevel.lookahead_eps, NO_AMP)
+    rater = build_rater(cfg.model, text.width, cpu).eval()
+    rater.load_state_dict(ck["rater"])
+    with torch.no_grad():
+        logit = rater(train).logit_B.numpy()
+    assert spearmanr(logit, [signal[i] for i in ids]).statistic > 0.7
+
+    before = {k: v.clone() for k, v in ck["rater"].items()}
+    train_rater(cfg)  # resumes at the end: the loop and the stage are done
+    after = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
+    assert after["distilled"] == ck["distilled"]
+    assert all(torch.equal(before[k], after["rater"][k]) for k in before)
+
+    # other settings redo the stage from the loop's rater; none restores that rater
+    online = ck["rater_online"]
+    assert not all(torch.equal(online[k], before[k]) for k in before)
+    redo = train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=10, distill_lr=3e-3))
+    assert redo["distill_steps_taken"] == 10
+    train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=0))
+    undone = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
+    assert undone["distilled"] is None and all(torch.equal(online[k], undone["rater"][k]) for k in online)
