@@ -208,11 +208,13 @@ def plan(spec: sources.Spec, cfg, shard_rows: int) -> tuple[list[Part], pd.DataF
 
 
 def _fingerprint(parts: list[Part], table: pd.DataFrame | None, rater, cfg, shard_rows: int) -> dict:
-    """What the part files depend on: the input files (and sizes), the rows of a path table, the
-    rater's weights, the data settings; reusing parts of another job would be wrong."""
+    """What the part files depend on: the input files, the rows of a path table, the rater's weights, the
+    data settings; reusing parts of another job would be wrong. Shard contents are not hashed (too slow at
+    scale): a shard replaced after its part was scored (a re-download) keeps its scores until its part
+    file is deleted, and a failed one is retried."""
     data = {k: v for k, v in config_to_dict(cfg)["data"].items() if k not in ("num_workers", "check_images")}
-    meta = {"engine": "ray", "parts": [[p.file, p.lo, p.hi] for p in parts],
-            "sizes": [os.path.getsize(p.file) for p in parts], "rater_sha1": rater_sha1(rater), "data": data}
+    meta = {"engine": "ray", "parts": [[p.file, p.lo, p.hi] for p in parts], "rater_sha1": rater_sha1(rater),
+            "data": data}
     if table is not None:
         rows = pd.util.hash_pandas_object(table[["id", "image_path", "caption"]], index=False).to_numpy()
         meta.update(rows=len(table), shard_rows=shard_rows, table_sha1=hashlib.sha1(rows.tobytes()).hexdigest())

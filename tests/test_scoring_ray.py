@@ -14,6 +14,8 @@ from alchemist.data.pairs import SkipLog, load_pairs
 from alchemist.ratings import rank_scores, read_ratings
 from alchemist.scoring import score_table, shards_dir, skipped_path
 from alchemist.scoring_ray import pool_size, rate_file_ray
+from alchemist.selection import prune_table
+from alchemist.utils.errors import UserError
 from test_scoring import ROOT, setup  # noqa: F401  (the module fixture: 30 pairs, a tiny tokenizer, a saved rater)
 from webdata import write_bytes_parquet, write_shards
 
@@ -55,6 +57,12 @@ def _reasons(out):
     return pd.read_csv(skipped_path(out)).set_index("id")["reason"].sort_index()
 
 
+def test_without_ray_the_engine_is_a_user_error(setup, monkeypatch, tmp_path):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    with pytest.raises(UserError, match=r"--engine ray needs Ray Data: pip install 'ray\[data\]'"):
+        rate_file_ray(setup["root"] / "run", setup["root"] / "data/pairs.csv", tmp_path / "r.parquet")
+
+
 def test_pool_size_leaves_a_cpu_for_the_readers():
     assert pool_size({"CPU": 2.0}) == (1, {"num_cpus": 1})
     assert pool_size({"CPU": 1.0}) == (1, {"num_cpus": 1})
@@ -81,6 +89,16 @@ def test_ray_and_torch_engines_give_identical_ratings(setup, inputs, cluster, tm
     assert _reasons(tmp_path / "ray.parquet").to_dict() == torch_reasons.to_dict()
     assert sorted(p.name for p in shards_dir(tmp_path / "ray.parquet").glob("*.parquet")) == \
         [f"part_{k:05d}.parquet" for k in range(len(files))]
+    if fmt == "tar":  # scripts/prune.py streams the per-part files: the subset prune_table takes from the ratings
+        argv = ["--ratings", str(shards_dir(tmp_path / "ray.parquet")), "--out", str(tmp_path / "kept.parquet"),
+                "--retention", "0.5", "--keep-column", str(tmp_path / "flags")]
+        r = subprocess.run([sys.executable, str(ROOT / "scripts/prune.py"), *argv], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 0, r.stderr
+        kept = pd.read_parquet(tmp_path / "kept.parquet")
+        assert kept["id"].tolist() == prune_table(got, "shift_gsample", 0.5)["id"].tolist()
+        flags = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "flags").glob("*.parquet"))])
+        assert len(flags) == 30 and sorted(flags.loc[flags["keep"], "id"]) == sorted(kept["id"])
 
 
 def test_a_killed_run_resumes_with_each_id_once_and_the_same_scores(setup, inputs, cluster, tmp_path):  # noqa: F811
