@@ -122,11 +122,14 @@ def test_a_killed_run_resumes_with_each_id_once_and_the_same_scores(setup, input
     resumed = _ray(setup, spec, out, 1)
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in parts.glob("part_*.parquet")}
     assert len(after) == 10 and all(after[name] == before[name] for name in before)  # finished parts not redone
-    straight = _ray(setup, spec, tmp_path / "straight.parquet", 1)
+    # an uninterrupted run: each shard scored straight through (the torch engine, per file: the same bits)
+    files = sorted((inputs / "small").glob("*.tar"))
+    straight = rank_scores(pd.concat([_torch(setup, f, tmp_path / f"t{k}.parquet", 1) for k, f in enumerate(files)])
+                           .drop(columns=["rank", "official_score"]))
     assert resumed["id"].is_unique and len(resumed) == 28
     assert resumed["id"].tolist() == straight["id"].tolist()
     np.testing.assert_array_equal(resumed["score"].to_numpy(), straight["score"].to_numpy())
-    assert _reasons(out).to_dict() == _reasons(tmp_path / "straight.parquet").to_dict()
+    assert sorted(_reasons(out).index) == ["train_00003", "train_00005"]
 
 
 def test_bad_samples_and_an_unreadable_shard_are_skipped_and_reported(setup, inputs, cluster, tmp_path):  # noqa: F811
