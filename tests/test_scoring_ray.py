@@ -36,7 +36,7 @@ def inputs(setup, tmp_path_factory):  # noqa: F811
     table["image_path"] = [str(setup["root"] / "data" / p) for p in table["image_path"]]
     write_shards(table, root / "shards", shard_rows=11)
     write_bytes_parquet(table, root / "bytes.parquet", row_group_size=8)
-    write_shards(table, root / "small", shard_rows=3)  # 10 parts, for the kill
+    write_shards(table, root / "small", shard_rows=2)  # 15 parts, for the kill
     return root
 
 
@@ -117,11 +117,11 @@ def test_a_killed_run_resumes_with_each_id_once_and_the_same_scores(setup, input
     proc.wait()
     time.sleep(2)  # a part in flight on the orphaned actor may still land: harmless, it is atomic
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in parts.glob("part_*.parquet")}
-    assert 1 <= len(before) < 10 and not out.exists()
+    assert 1 <= len(before) < 15 and not out.exists()
 
     resumed = _ray(setup, spec, out, 1)
     after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in parts.glob("part_*.parquet")}
-    assert len(after) == 10 and all(after[name] == before[name] for name in before)  # finished parts not redone
+    assert len(after) == 15 and all(after[name] == before[name] for name in before)  # finished parts not redone
     # an uninterrupted run: each shard scored straight through (the torch engine, per file: the same bits)
     files = sorted((inputs / "small").glob("*.tar"))
     straight = rank_scores(pd.concat([_torch(setup, f, tmp_path / f"t{k}.parquet", 1) for k, f in enumerate(files)])
@@ -135,13 +135,18 @@ def test_a_killed_run_resumes_with_each_id_once_and_the_same_scores(setup, input
 def test_bad_samples_and_an_unreadable_shard_are_skipped_and_reported(setup, inputs, cluster, tmp_path):  # noqa: F811
     shards = sorted((inputs / "shards").glob("*.tar"))
     (tmp_path / "broken.tar").write_bytes(b"not a tar at all" * 40)
+    blank = pd.DataFrame({"id": ["blank"], "image_path": [str(setup["root"] / "data/images/broken.png")],
+                          "caption": [""], "extra": ["x"]})
+    write_shards(blank, tmp_path / "blank", shard_rows=1)  # a shard with no usable row
     out = tmp_path / "ratings.csv"
-    got = _ray(setup, [str(shards[0]), str(tmp_path / "broken.tar"), str(shards[2])], out, 4)
+    got = _ray(setup, [str(shards[0]), str(tmp_path / "broken.tar"), str(shards[2]), str(tmp_path / "blank/00000.tar")],
+               out, 4)
     reasons = _reasons(out)
     assert reasons["train_00003"].startswith("unreadable image")
     assert reasons["train_00003"].endswith("(shard 00000.tar, member train_00003.png)")
     assert reasons["train_00005"] == "empty caption (shard 00000.tar, key train_00005)"
     assert reasons["broken.tar"].startswith("unreadable part: DataError: could not read webdataset shard")
+    assert reasons["blank"] == "empty caption (shard 00000.tar, key blank)" and len(reasons) == 4
     # the other shards' rows are all there: 11 + 8, less the two bad ones
     ids = sorted(f"train_{i:05d}" for i in [*range(11), *range(22, 30)] if i not in (3, 5))
     assert sorted(got["id"]) == ids and got["score"].notna().all()
