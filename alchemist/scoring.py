@@ -10,6 +10,8 @@ Rows are cut into fixed shards by position; shard k belongs to rank k mod world.
 is written atomically to ``<out>.shards/shard_XXXXX.parquet``, so a rerun skips it and a crash
 loses at most the shard in flight. When every rank is done, rank 0 joins the shards with the
 input columns, ranks them and writes the ratings file; skipped rows go to ``<out stem>.skipped.csv``.
+The Ray engine (``scoring_ray.py``, one part per input shard) loads and batches through the same
+``build_scorer``, ``pool_rows`` and ``shard_frame``.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def load_rater(ckpt: str | os.PathLike, device: torch.device | str = "cpu") -> t
                               "pass a file written by train_rater.py")
     cfg = config_from_dict(RaterConfig, state["config"])
     text_dim = state["rater"]["text_proj.weight"].shape[1]
-    # eager here: rate_file compiles it when the scoring config asks for it
+    # eager here: build_scorer compiles it when the scoring config asks for it
     rater = build_rater(dataclasses.replace(cfg.model, compile=""), text_dim, torch.device(device), double_softmax=False)
     rater.load_state_dict(state["rater"])
     return rater.eval().requires_grad_(False), cfg
