@@ -8,6 +8,9 @@ or per CPU less one (``pool_size``). Each actor loads the models as ``rate_file`
 (``scoring.build_scorer``) and batches a part's rows as ``score_table`` batches a shard
 (``scoring.pool_rows``, ``scoring.shard_frame``), so a pair batched the same way gets the same fp32
 score, bit for bit, from either engine (and one within fp32 rounding otherwise, as with ``--bs``).
+The Ray dataset is the list of parts rather than ``ray.data.read_webdataset``'s samples: Ray's
+reader groups members and decodes images its own way, while the project's reader keeps the ids,
+skip reasons and pixels of the other engine, and a whole part per call keeps its batches intact.
 
 An actor writes its part atomically to ``<out>.shards/part_XXXXX.parquet`` (the input columns,
 ``row``, ``score``, and ``skipped``: the reason, empty for scored rows); that file is the part's
