@@ -118,10 +118,15 @@ class PartScorer:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # Ray sets the visible GPU
         if device.type == "cpu":
             torch.set_num_threads(threads)
-        self.rater, self.cfg, self.featurizer = build_scorer(ckpt, overrides, device)
+        self.root, self.parts, self.batch_size, self.threads = Path(root), parts, batch_size, threads
+        self.setup_error = ""
+        try:
+            self.rater, self.cfg, self.featurizer = build_scorer(ckpt, overrides, device)
+        except (UserError, OSError) as e:  # a bad model path: said once by the driver, not as an actor's death
+            self.setup_error = str(e)
+            return
         # the load-time image pre-pass runs on this actor's threads
         self.data_cfg = dataclasses.replace(self.cfg.data, num_workers=threads)
-        self.root, self.parts, self.batch_size, self.threads = Path(root), parts, batch_size, threads
         if table is not None and not isinstance(table, pd.DataFrame):  # an ObjectRef: one copy per node
             import ray
 
@@ -133,24 +138,30 @@ class PartScorer:
         for k in batch["part"]:
             part = self.parts[int(k)]
             t0 = time.perf_counter()
-            try:
-                frame = self.score_part(part)
-            except Exception as e:  # an unreadable part is reported and retried by the next run, not fatal
-                reason = f"unreadable part: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                with atomic_open(failed_file(self.root, part)) as f:
-                    json.dump({"part": part.describe(), "reason": reason}, f)
-                frame, error = None, reason
+            if self.setup_error:
+                frame, error = None, self.setup_error
             else:
-                with atomic_open(part_file(self.root, part), "wb") as f:
-                    frame.to_parquet(f, index=False)
-                failed_file(self.root, part).unlink(missing_ok=True)
-                error = ""
+                frame, error = self._score_and_write(part)
             out["part"].append(part.k)
             out["rows"].append(0 if frame is None else len(frame))
             out["skipped"].append(0 if frame is None else int((frame["skipped"] != "").sum()))
             out["error"].append(error)
+            out["fatal"].append(bool(self.setup_error))
             out["seconds"].append(time.perf_counter() - t0)
         return {k: np.asarray(v) for k, v in out.items()}
+
+    def _score_and_write(self, part: Part) -> tuple[pd.DataFrame | None, str]:
+        try:
+            frame = self.score_part(part)
+        except Exception as e:  # an unreadable part is reported and retried by the next run, not fatal
+            reason = f"unreadable part: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            with atomic_open(failed_file(self.root, part)) as f:
+                json.dump({"part": part.describe(), "reason": reason}, f)
+            return None, reason
+        with atomic_open(part_file(self.root, part), "wb") as f:
+            frame.to_parquet(f, index=False)
+        failed_file(self.root, part).unlink(missing_ok=True)
+        return frame, ""
 
     def read_part(self, part: Part) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
         """The part's pairs (``load_pairs`` of its file, or its rows of the path table) and the rows
@@ -276,6 +287,9 @@ def _run_pool(ray, todo: list[Part], ckpt, overrides, root: Path, batch_size: in
                desc=f"rating {len(todo)} parts on {n} Ray actor(s)")
     failed = []
     for b in scored.iter_batches(batch_size=None, batch_format="numpy"):
+        if b["fatal"].any():  # the actors could not load the models: nothing will be scored
+            bar.close()
+            raise UserError(str(b["error"][np.flatnonzero(b["fatal"])[0]]))
         failed += [(int(k), e) for k, e in zip(b["part"], b["error"]) if e]
         bar.update(len(b["part"]))
     bar.close()

@@ -151,3 +151,14 @@ def test_bad_samples_and_an_unreadable_shard_are_skipped_and_reported(setup, inp
     ids = sorted(f"train_{i:05d}" for i in [*range(11), *range(22, 30)] if i not in (3, 5))
     assert sorted(got["id"]) == ids and got["score"].notna().all()
     assert (shards_dir(out) / "part_00001.failed.json").exists()
+
+
+def test_a_model_the_actors_cannot_load_is_one_line(setup, inputs, cluster, tmp_path, capsys):  # noqa: F811
+    import infer_rater
+
+    argv = ["--engine", "ray", "--ckpt", str(setup["root"] / "run"), "--csv", str(inputs / "bytes.parquet"),
+            "--out", str(tmp_path / "r.parquet"), "--no-progress", f"--text_enc_path={tmp_path / 'nope'}"]
+    assert infer_rater.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: text encoder") and "is not a local Hugging Face model directory" in err[-1]
+    assert not list(shards_dir(tmp_path / "r.parquet").glob("part_*"))
