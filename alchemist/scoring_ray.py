@@ -32,6 +32,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -272,8 +273,10 @@ def _run_pool(ray, todo: list[Part], ckpt, overrides, root: Path, batch_size: in
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # ours counts parts; Ray Data's warnings still show
     ctx.print_on_execution_start = False
+    for name in ("ray.data._internal.progress", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING if name.endswith("executor") else logging.ERROR)
     n, resources = pool_size(ray.cluster_resources())
     n = min(actors or n, len(todo))
     ds = ray.data.from_items([{"part": p.k} for p in todo], override_num_blocks=len(todo))
