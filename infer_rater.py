@@ -2,10 +2,14 @@
 
     python infer_rater.py --ckpt runs/rater --csv pairs.csv --out ratings.parquet [--bs 256 --key=value ...]
     bash infer_rater.sh --ckpt ... (all GPUs / nodes; ranks split the rows by shard)
+    bash infer_rater.sh --engine ray --ckpt ... (one process driving a Ray actor pool: docs/scale.md)
 
 --ckpt is a run dir (its latest checkpoint) or a checkpoint file. Writes the ratings (input
 columns + score, official_score, rank; best first) in the format of --out's extension, skipped
 rows to <out stem>.skipped.csv, and finished shards to <out>.shards/ (a rerun resumes from them).
+--engine ray (alchemist/scoring_ray.py): each input shard is one unit of work for an actor (one per
+GPU, or per CPU but one) of a Ray cluster (RAY_ADDRESS, else a local one); same score, no
+official_score, the ratings file in shard order with exact ranks. Needs ray[data] (make env has it).
 Overrides: data.* keys (e.g. --caption_col=cogvlm_caption), model file locations
 (--ckpt_path, --vae_ckpt, --text_enc_path) when they moved since training, and the precision
 (--fp16=0 scores in fp32, where a score does not move with the batch; the default on a GPU is bf16).
@@ -29,12 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard-rows", type=int, default=DEFAULT_SHARD_ROWS, help="rows per resumable shard")
     ap.add_argument("--num-workers", type=int, help="data loader workers per rank (data.num_workers)")
     ap.add_argument("--cache-dir", help="feature cache of this table from scripts/precompute.py (data.cache_dir)")
+    ap.add_argument("--engine", choices=("torch", "ray"), default="torch",
+                    help="torch: this process / torchrun ranks (default); ray: a Ray Data actor pool")
+    ap.add_argument("--actors", type=int, help="--engine ray: actors in the pool (default: one per GPU, "
+                    "else one per CPU but one)")
     ap.add_argument("--no-progress", action="store_true")
     args, overrides = ap.parse_known_args(argv)
     overrides += [f"--{k}={v}" for k, v in (("num_workers", args.num_workers), ("cache_dir", args.cache_dir))
                   if v is not None]
-    rate_file(args.ckpt, args.csv, args.out, overrides, batch_size=args.bs, shard_rows=args.shard_rows,
-              progress=not args.no_progress)
+    if args.engine == "ray":
+        from alchemist.scoring_ray import rate_file_ray
+
+        rate_file_ray(args.ckpt, args.csv, args.out, overrides, batch_size=args.bs, shard_rows=args.shard_rows,
+                      actors=args.actors, progress=not args.no_progress)
+    else:
+        rate_file(args.ckpt, args.csv, args.out, overrides, batch_size=args.bs, shard_rows=args.shard_rows,
+                  progress=not args.no_progress)
     return 0
 
 

@@ -49,6 +49,10 @@ class DataConfig:
     # parquet inputs: the column of encoded image bytes ("" = the first binary column named jpg, image,
     # bytes, png, webp or img; a table without one is a table of image paths)
     image_bytes_col: str = ""
+    # webdataset shards: columns to join from img2dataset's metadata parquet beside each shard (00000.parquet
+    # beside 00000.tar), by key, e.g. "uid,url" ("*" = all it has that the shard lacks; "" = none). A joined
+    # uid becomes the id when the table has no id_col
+    shard_meta_cols: str = ""
 
     def __post_init__(self):
         _check(self.image_size > 0, "data.image_size must be positive")

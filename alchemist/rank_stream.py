@@ -93,8 +93,10 @@ class StreamRanker:
     def __init__(self, files: Sequence[Path], chunk_rows: int = DEFAULT_CHUNK_ROWS):
         self.files, self.chunk_rows = list(files), int(chunk_rows)
         parts = [s[v] for _, _, s, v in _chunks(self.files, self.chunk_rows)]
-        self.sorted_scores = np.sort(np.concatenate(parts)) if parts else np.zeros(0)
+        scores = np.concatenate(parts) if parts else np.zeros(0)
         del parts
+        scores.sort()  # in place: two copies of N scores at the peak, not three
+        self.sorted_scores = scores
         self.n = len(self.sorted_scores)
         if self.n == 0:
             raise UserError("the ratings files hold no rated rows")

@@ -10,12 +10,15 @@ Rows are cut into fixed shards by position; shard k belongs to rank k mod world.
 is written atomically to ``<out>.shards/shard_XXXXX.parquet``, so a rerun skips it and a crash
 loses at most the shard in flight. When every rank is done, rank 0 joins the shards with the
 input columns, ranks them and writes the ratings file; skipped rows go to ``<out stem>.skipped.csv``.
+The Ray engine (``scoring_ray.py``, one part per input shard) loads and batches through the same
+``build_scorer``, ``pool_rows`` and ``shard_frame``.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -75,7 +78,7 @@ def load_rater(ckpt: str | os.PathLike, device: torch.device | str = "cpu") -> t
                               "pass a file written by train_rater.py")
     cfg = config_from_dict(RaterConfig, state["config"])
     text_dim = state["rater"]["text_proj.weight"].shape[1]
-    # eager here: rate_file compiles it when the scoring config asks for it
+    # eager here: build_scorer compiles it when the scoring config asks for it
     rater = build_rater(dataclasses.replace(cfg.model, compile=""), text_dim, torch.device(device), double_softmax=False)
     rater.load_state_dict(state["rater"])
     return rater.eval().requires_grad_(False), cfg
@@ -99,6 +102,24 @@ def scoring_config(cfg: RaterConfig, overrides: Sequence[str] = ()) -> RaterConf
     return config_from_dict(RaterConfig, raw)
 
 
+def build_scorer(ckpt: str | os.PathLike, overrides: Sequence[str] = (),
+                 device: torch.device | str = "cpu") -> tuple[Rater, RaterConfig, Featurizer]:
+    """The rater, its scoring config and the featurizer (tokenizer + text encoder) on ``device``: what every
+    scoring engine loads (``rate_file`` on each rank, ``scoring_ray``'s actors)."""
+    device = torch.device(device)
+    rater, cfg = load_rater(ckpt, device)
+    cfg = scoring_config(cfg, overrides)
+    compile_blocks(rater, cfg.model.compile)
+    text_encoder = build_text_encoder(cfg.model, device)
+    if text_encoder.width != rater.text_dim:
+        raise ConfigError(f"the rater was trained with {rater.text_dim}-wide text features but text encoder "
+                          f"{text_encoder.path!r} gives {text_encoder.width}; set model.text_enc_path to the "
+                          "encoder used in training")
+    featurizer = Featurizer(build_tokenizer(cfg.model, device), text_encoder, device,
+                            encoder_amp_dtype(cfg.model, cfg.optim, device))
+    return rater, cfg, featurizer
+
+
 def rate_file(ckpt: str | os.PathLike, table_path: str | os.PathLike, out_path: str | os.PathLike,
               overrides: Sequence[str] = (), batch_size: int = 256, shard_rows: int = DEFAULT_SHARD_ROWS,
               progress: bool = True) -> Path:
@@ -107,18 +128,9 @@ def rate_file(ckpt: str | os.PathLike, table_path: str | os.PathLike, out_path: 
     check_writable(Path(out_path).parent)
     ps = dist_state()
     rank, world = ps.process_index, ps.num_processes
-    rater, cfg = load_rater(ckpt, ps.device)
-    cfg = scoring_config(cfg, overrides)
-    compile_blocks(rater, cfg.model.compile)
+    rater, cfg, featurizer = build_scorer(ckpt, overrides, ps.device)
     skip_log = SkipLog()
     table = load_pairs(table_path, cfg.data, skip_log)
-    text_encoder = build_text_encoder(cfg.model, ps.device)
-    if text_encoder.width != rater.text_dim:
-        raise ConfigError(f"the rater was trained with {rater.text_dim}-wide text features but text encoder "
-                          f"{text_encoder.path!r} gives {text_encoder.width}; set model.text_enc_path to the "
-                          "encoder used in training")
-    featurizer = Featurizer(build_tokenizer(cfg.model, ps.device), text_encoder, ps.device,
-                            encoder_amp_dtype(cfg.model, cfg.optim, ps.device))
     return score_table(table, out_path, rater, featurizer, cfg, batch_size=batch_size, shard_rows=shard_rows,
                        rank=rank, world=world, cache_dir=cfg.data.cache_dir or None,
                        skipped=skip_log.items, progress=progress)
@@ -142,15 +154,19 @@ def _shard_file(root: Path, k: int) -> Path:
 def _fingerprint(table: pd.DataFrame, rater: Rater, shard_rows: int) -> dict:
     """What the shards depend on: reusing shards of another table, rater or sharding would be wrong."""
     rows = pd.util.hash_pandas_object(table[["id", "image_path", "caption"]], index=False).to_numpy()
+    return {"rows": len(table), "table_sha1": hashlib.sha1(rows.tobytes()).hexdigest(),
+            "rater_sha1": rater_sha1(rater), "shard_rows": shard_rows, "official_batch": OFFICIAL_BATCH}
+
+
+def rater_sha1(rater: Rater) -> str:
     weights = hashlib.sha1()
     for name, t in rater.state_dict().items():
         weights.update(name.encode())
         weights.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return {"rows": len(table), "table_sha1": hashlib.sha1(rows.tobytes()).hexdigest(),
-            "rater_sha1": weights.hexdigest(), "shard_rows": shard_rows, "official_batch": OFFICIAL_BATCH}
+    return weights.hexdigest()
 
 
-def _claim(root: Path, meta: dict, rank: int) -> None:
+def claim(root: Path, meta: dict, rank: int = 0) -> None:
     """Check that existing shards belong to this job (written by rank 0 when new)."""
     path = root / "meta.json"
     if path.exists():
@@ -174,7 +190,27 @@ def _amp(cfg: RaterConfig, device: torch.device):
     return autocast(amp_dtype(cfg.optim, device), device)
 
 
-def _shard_frame(rater: Rater, lo: int, ids: np.ndarray, rows: np.ndarray, p_NC: torch.Tensor | None,
+@torch.inference_mode()
+def pool_rows(rater: Rater, featurizer: Featurizer, cfg: RaterConfig, ids: np.ndarray,
+              batches: Iterable[tuple[Sequence[int], dict]], done=lambda n: None
+              ) -> tuple[np.ndarray, torch.Tensor | None, dict[int, str]]:
+    """The pooled rater features of one shard's collated batches of (row positions, ``collate_pairs`` /
+    ``collate_cache`` output): (rows scored, their features ``p_NC``, {row: reason} of those skipped)."""
+    rows_ok, p_parts, bad = [], [], {}
+    for batch_rows, raw in batches:
+        by_id = {ids[r]: r for r in batch_rows} if raw["skipped"] else {}
+        bad.update((by_id[id], reason) for id, reason in raw["skipped"])
+        batch = featurizer(raw)
+        if batch is not None:
+            with _amp(cfg, featurizer.device):
+                p_parts.append(rater.pooled(batch))
+            rows_ok.append(raw["index_B"].numpy())
+        done(len(batch_rows))
+    rows = np.concatenate(rows_ok) if rows_ok else np.zeros(0, np.int64)
+    return rows, (torch.cat(p_parts) if p_parts else None), bad
+
+
+def shard_frame(rater: Rater, lo: int, ids: np.ndarray, rows: np.ndarray, p_NC: torch.Tensor | None,
                  bad: dict[int, str]) -> pd.DataFrame:
     """One shard's rows: instance logit and official score for the good ones (the latter per fixed
     256-row batch of the shard, skipped rows left out of their batch), the reason for the bad ones."""
@@ -215,7 +251,7 @@ def score_table(table: pd.DataFrame, out_path: str | os.PathLike, rater: Rater, 
     if rank == 0:  # what killed writes of an earlier run left
         remove_stale_temps(root)
         remove_stale_temps(out_path.parent, [out_path.name, skipped_path(out_path).name])
-    _claim(root, _fingerprint(table, rater, shard_rows), rank)
+    claim(root, _fingerprint(table, rater, shard_rows), rank)
     _barrier()  # the shard folder is claimed and clean before any rank writes to it
     device = featurizer.device
     rater.eval()
@@ -238,20 +274,9 @@ def score_table(table: pd.DataFrame, out_path: str | os.PathLike, rater: Rater, 
     ids = table["id"].to_numpy()
     raws = zip(batches, loader)
     for k, (lo, hi) in bounds.items():
-        rows_ok, p_parts, bad = [], [], {}
-        for _ in range(-(-(hi - lo) // batch_size)):
-            batch_rows, raw = next(raws)
-            by_id = {ids[r]: r for r in batch_rows} if raw["skipped"] else {}
-            bad.update((by_id[id], reason) for id, reason in raw["skipped"])
-            batch = featurizer(raw)
-            if batch is not None:
-                with _amp(cfg, device):
-                    p_parts.append(rater.pooled(batch))
-                rows_ok.append(raw["index_B"].numpy())
-            bar.update(len(batch_rows))
-        rows = np.concatenate(rows_ok) if rows_ok else np.zeros(0, np.int64)
-        shard = _shard_frame(rater, lo, ids, rows, torch.cat(p_parts) if p_parts else None, bad)
-        _write_shard(_shard_file(root, k), shard)
+        n_batches = -(-(hi - lo) // batch_size)
+        rows, p_NC, bad = pool_rows(rater, featurizer, cfg, ids, itertools.islice(raws, n_batches), bar.update)
+        _write_shard(_shard_file(root, k), shard_frame(rater, lo, ids, rows, p_NC, bad))
     bar.close()
 
     _barrier()

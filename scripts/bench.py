@@ -5,6 +5,8 @@
     python scripts/bench.py --preset paper --json perf.json      # paper scale, on one GPU
     python scripts/bench.py --preset paper --flops-only          # FLOPs and time floors, no device needed
     python scripts/bench.py prune --n 30000000 --table --out runs/bench_prune.json   # pruning at scale
+    python scripts/bench.py prune --n 30000000 --cases shards          # only the streaming prune of per-shard files
+    python scripts/bench.py score --n 5000 20000 --out runs/bench_score.json   # scoring engines: torch, ray
 
 Rows: the bilevel rater-training step for each rule (penalty, reference, lookahead) and the plain
 proxy step it is compared with, each from raw images (tokenizer + text encoder inside the step),
@@ -13,7 +15,9 @@ then rater scoring (batch 256 at paper scale, inference_mode) in the same three 
 images and captions are synthetic (random weights: nothing is downloaded or read). Any
 ``--key=value`` is a RaterConfig override, e.g. ``--bs=32`` or ``--fp16=0``. See docs/performance.md.
 ``prune``: time and peak memory of every pruning strategy on N rows, each case in a fresh process
-(``alchemist.bench.prune``; docs/selection.md).
+(``alchemist.bench.prune``; docs/selection.md). ``score``: rows/s and peak memory of ``infer_rater.py``
+with each engine on N synthetic pairs in webdataset shards, tiny rater (``alchemist.bench.scoring``;
+docs/performance.md).
 """
 from __future__ import annotations
 
@@ -39,12 +43,32 @@ def prune_main(argv: list[str]) -> None:
     ap.add_argument("--n", type=int, default=30_000_000)
     ap.add_argument("--retention", type=float, nargs="+", default=[0.2, 0.5])
     ap.add_argument("--table", action="store_true", help="also prune a synthetic N-row parquet end to end")
+    ap.add_argument("--cases", default="", help="comma-separated subset of select,table,shards (default: select, "
+                    "and table,shards with --table)")
     ap.add_argument("--out", default="", help="write all results as JSON here")
     args = ap.parse_args(argv)
-    results = run_prune_benchmark(args.n, args.retention, args.table)
+    cases = [c for c in args.cases.split(",") if c] or ["select", "table", "shards"]
+    results = run_prune_benchmark(args.n, args.retention, args.table or bool(args.cases), cases)
     if args.out:
         with atomic_open(args.out) as f:
             json.dump(results, f, indent=1)
+
+
+def score_main(argv: list[str]) -> None:
+    from alchemist.bench.scoring import main_json, run_scoring_benchmark
+
+    ap = ArgumentParser(prog="bench.py score", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[5000, 20000], help="pairs to score (two sizes: the fixed "
+                    "cost and the per-row rate are fitted from the two largest)")
+    ap.add_argument("--engines", default="torch,ray")
+    ap.add_argument("--bs", type=int, default=256)
+    ap.add_argument("--num-workers", type=int, default=1, help="torch engine: DataLoader workers")
+    ap.add_argument("--out", default="", help="write all results as JSON here")
+    args = ap.parse_args(argv)
+    results = run_scoring_benchmark(args.n, [e for e in args.engines.split(",") if e], args.bs, args.num_workers)
+    if args.out:
+        main_json(results, args.out)
 
 
 @user_errors
@@ -52,6 +76,8 @@ def main(argv: list[str] | None = None) -> int | None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prune"]:
         return prune_main(argv[1:])
+    if argv[:1] == ["score"]:
+        return score_main(argv[1:])
     import torch
 
     from alchemist.bench.flops import H100_BF16_DENSE_TFLOPS, RULES, flops_summary

@@ -118,3 +118,14 @@ def test_flops_only_cli_writes_json(tmp_path, capsys):
     assert pen["tflop"] * 1e12 == pytest.approx(4 * (2 * per["proxy_fwd_bwd"] + per["rater_fwd_bwd"]))
     assert pen["floor_s"] == pytest.approx(pen["tflop"] / H100_BF16_DENSE_TFLOPS)
     assert "| bilevel lookahead | raw |" in capsys.readouterr().out
+
+
+def test_scoring_engine_benchmark_runs_the_real_command(monkeypatch):
+    """``bench.py score``'s measurement at toy size: every pair rated, the process tree's memory seen
+    (the torch engine only: the Ray engine's run is the same command, tested in test_scoring_ray.py)."""
+    from alchemist.bench.scoring import run_scoring_benchmark
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    (res,) = run_scoring_benchmark([60], ["torch"], bs=16, workers=0, log=lambda s: None)
+    assert res["engine"] == "torch" and res["rated"] == 60 and res["rows_per_s"] > 0
+    assert 100 < res["peak_rss_mb"] < 4096

@@ -224,3 +224,32 @@ def test_error_line_maps_only_user_errors():
     assert error_line(OSError(28, "No space left on device")).startswith("error: no space left on device; free")
     assert error_line(OSError(5, "Input/output error")) is None  # a failing disk is not the user's typo
     assert error_line(ValueError("a bug")) is None and error_line(KeyError("k")) is None
+
+
+def test_precompute_and_training_read_webdataset_shards(env, tmp_path, capsys):
+    """img2dataset-style shards (gzipped, for the train split) where the tables go: scripts/precompute.py
+    caches them, and train_rater.py trains from that cache and from the shards themselves."""
+    import gzip
+    import json
+
+    from webdata import write_shards
+
+    data = env["root"] / "data"
+    for split in ("train", "val"):
+        t = pd.read_csv(data / f"{split}.csv", dtype=str, keep_default_na=False)
+        t["image_path"] = [str(data / p) for p in t["image_path"]]
+        for p in write_shards(t, tmp_path / split, shard_rows=5):
+            if split == "train":
+                p.with_name(p.name + ".gz").write_bytes(gzip.compress(p.read_bytes()))
+                p.unlink()
+    argv = ["--config", str(ROOT / "configs/config_rater.json"), *env["argv"],
+            f"--train_csv_path={tmp_path}/train/*.tar.gz", f"--val_csv_path={tmp_path}/val/*.tar",
+            f"--local_out_dir_path={tmp_path}/runs"]
+    assert _script("scripts/precompute.py").main([*argv, f"--cache_dir={tmp_path}/cache", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "val: 8 rows cached" in out and "train: 16 rows cached" in out
+    for name, extra in (("cached", [f"--cache_dir={tmp_path}/cache"]), ("raw", [])):
+        assert _script("train_rater.py").main([*argv, f"--exp_name={name}", *extra]) == 0
+        summary = json.loads((tmp_path / f"runs/{name}/summary.json").read_text())
+        assert summary["steps"] == 2 and summary["skipped_rows"] == 0 and np.isfinite(summary["L_val"])
+        assert list((tmp_path / f"runs/{name}/checkpoints").glob("step_*.pt"))

@@ -122,3 +122,37 @@ def test_bad_inputs_are_one_sentence(pairs, tmp_path):
         load_pairs(tmp_path / "bad.tar", CFG)
     with pytest.raises(DataError, match="no column 'pixels'"):
         load_pairs(pairs / "bytes.parquet", DataConfig(image_bytes_col="pixels"))
+
+
+def test_gzipped_shards_read_as_plain_ones(pairs):
+    import gzip
+
+    (pairs / "gz").mkdir()
+    for p in sorted((pairs / "shards").glob("*.tar")):
+        (pairs / "gz" / (p.stem + ".tar.gz")).write_bytes(gzip.compress(p.read_bytes()))
+    plain, plain_skips = _load(str(pairs / "shards/*.tar"))
+    gz, gz_skips = _load(str(pairs / "gz/*.tar.gz"))
+    assert gz["id"].tolist() == plain["id"].tolist() and gz["caption"].tolist() == plain["caption"].tolist()
+    assert [r.replace(".tar.gz", ".tar") for _, r in gz_skips] == [r for _, r in plain_skips]
+    a, b = PairsDataset(plain, 16), PairsDataset(gz, 16)
+    assert all(torch.equal(a[i]["img_3HW"], b[i]["img_3HW"]) for i in range(len(plain)))
+
+
+def test_img2dataset_metadata_parquet_is_joined_by_key(pairs):
+    """img2dataset writes 00000.parquet beside 00000.tar (key, url, status, uid, ...; failed downloads too)."""
+    for k, p in enumerate(sorted((pairs / "shards").glob("*.tar"))):
+        keys = [f"{i:03d}" for i in range(3 * k, 3 * k + 3)] + [f"9{k}"]  # a failed download: not in the tar
+        pd.DataFrame({"key": keys, "uid": [f"{int(x):032x}" for x in keys], "url": [f"http://x/{x}" for x in keys],
+                      "status": ["success"] * 3 + ["failed_to_download"]}).to_parquet(p.with_suffix(".parquet"))
+    cfg = DataConfig(image_size=16, caption_dropout=0.0, num_workers=0, shard_meta_cols="uid,url")
+    df, skips = _load(str(pairs / "shards/*.tar"), cfg)
+    assert df["id"].tolist() == [f"{i:032x}" for i in (0, 1, 2, 6)]  # the joined uid is the id
+    assert df["url"].tolist() == [f"http://x/00{i}" for i in (0, 1, 2, 6)] and "status" not in df
+    assert df["extra"].tolist() == ["x0", "x1", "x2", "x6"]  # the json's fields stay
+    every, _ = _load(str(pairs / "shards/*.tar"), DataConfig(image_size=16, num_workers=0, shard_meta_cols="*"))
+    assert every["status"].tolist() == ["success"] * 4
+    with pytest.raises(DataError, match=r"no column\(s\) \['sha256'\]"):
+        load_pairs(str(pairs / "shards/*.tar"), DataConfig(shard_meta_cols="uid,sha256"))
+    (pairs / "shards/00001.parquet").unlink()
+    with pytest.raises(DataError, match="no metadata parquet"):
+        load_pairs(str(pairs / "shards/*.tar"), cfg)

@@ -131,13 +131,15 @@ def measure(case: dict) -> dict:
 
 
 def run_prune_benchmark(n: int, retentions: Sequence[float] = (0.2, 0.5), table: bool = False,
+                        cases: Sequence[str] = ("select", "table", "shards"),
                         log: Callable[[str], None] = print) -> list[dict]:
     """Every strategy at every retention on N rank positions, shift_gsample also from unsorted scores,
-    and (``table``) end-to-end pruning of an N-row parquet; one result dict per case."""
+    and (``table``) end-to-end pruning of an N-row parquet and of per-shard files; one result dict per
+    case. ``cases`` picks among select, table and shards."""
     log(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"python {platform.python_version()}, numpy {np.__version__}")
     results = []
-    for r in retentions:
+    for r in (retentions if "select" in cases else ()):
         for strategy in STRATEGY_CASES:
             res = measure({"kind": "select", "n": n, "strategy": strategy, "retention": r, "from_scores": False})
             results.append(res)
@@ -150,9 +152,10 @@ def run_prune_benchmark(n: int, retentions: Sequence[float] = (0.2, 0.5), table:
     if table:
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
             path = Path(tmp) / "ratings.parquet"
-            built = make_table(n, path)
-            log(f"table    built {path.stat().st_size / 2**20:.0f} MiB parquet in {built:.1f} s")
-            for r in retentions:
+            if "table" in cases:
+                built = make_table(n, path)
+                log(f"table    built {path.stat().st_size / 2**20:.0f} MiB parquet in {built:.1f} s")
+            for r in (retentions if "table" in cases else ()):
                 res = measure({"kind": "table", "n": n, "strategy": "shift_gsample", "retention": r,
                                "path": str(path), "out": str(Path(tmp) / "subset.parquet")})
                 results.append(res)
@@ -161,9 +164,10 @@ def run_prune_benchmark(n: int, retentions: Sequence[float] = (0.2, 0.5), table:
                     f"write {res['write_s']:.2f})  "
                     f"peak +{res['peak_mb']:7.0f} MiB RSS")
             shards = Path(tmp) / "ratings.parquet.shards"
-            built = make_shards(n, shards)
-            log(f"shards   built {len(list(shards.iterdir()))} per-shard files in {built:.1f} s")
-            for r in retentions:
+            if "shards" in cases:
+                built = make_shards(n, shards)
+                log(f"shards   built {len(list(shards.iterdir()))} per-shard files in {built:.1f} s")
+            for r in (retentions if "shards" in cases else ()):
                 res = measure({"kind": "shards", "n": n, "strategy": "shift_gsample", "retention": r,
                                "path": str(shards), "out": str(Path(tmp) / "kept.parquet")})
                 results.append(res)

@@ -6,6 +6,7 @@ feature cache, scoring's fingerprint) keeps working on a column of strings that 
 workers share cheaply, and each image is read only when it is decoded:
 
   ``tar:<offset>+<size>:<shard path>#<member name>``   the member's bytes at that offset of the tar
+                                                       (of the decompressed tar for ``.tar.gz``)
   ``parquet:<row>:<file path>#<column>``               the cell of a binary (or {bytes: ...}) column
 
 A file path read from a table is absolute (``load_pairs`` resolves it), so it never starts with a
@@ -14,6 +15,7 @@ scheme; the member name and column after the last ``#`` serve messages and the p
 from __future__ import annotations
 
 import functools
+import gzip
 import io
 import os
 
@@ -21,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SCHEMES = ("tar:", "parquet:")
+GZIP_SUFFIXES = (".tar.gz", ".tgz")
 
 
 class NoImage(OSError):
@@ -64,9 +67,12 @@ def read_bytes(locator: str) -> bytes:
     scheme, position, path, name = parse(locator)
     if scheme == "tar":
         offset, _, size = position.partition("+")
-        with open(path, "rb") as f:
-            f.seek(int(offset))
-            data = f.read(int(size))
+        if path.lower().endswith(GZIP_SUFFIXES):  # offsets are into the decompressed stream
+            data = _gunzipped(path)[int(offset):int(offset) + int(size)]
+        else:
+            with open(path, "rb") as f:
+                f.seek(int(offset))
+                data = f.read(int(size))
         if len(data) != int(size):
             raise OSError(f"tar member cut short ({len(data)} of {size} bytes)")
         return data
@@ -88,6 +94,14 @@ def read_bytes(locator: str) -> bytes:
 def open_image_file(path: str):
     """What ``PIL.Image.open`` takes for ``path``: the path itself, or the member's bytes as a file."""
     return io.BytesIO(read_bytes(path)) if is_member(path) else path
+
+
+@functools.lru_cache(maxsize=2)
+def _gunzipped(path: str) -> bytes:
+    """A gzipped shard decompressed whole (gzip has no random access; cached: a sequential reader, as
+    every loader here is, decompresses each shard once, holding one or two shards in memory)."""
+    with gzip.open(path, "rb") as f:
+        return f.read()
 
 
 @functools.lru_cache(maxsize=64)

@@ -259,7 +259,8 @@ def _captions(df: pd.DataFrame, cfg: DataConfig, path: Path) -> pd.Series:
     return caps
 
 
-def load_pairs(path: sources.Spec, cfg: DataConfig, skip_log: SkipLog | None = None) -> pd.DataFrame:
+def load_pairs(path: sources.Spec, cfg: DataConfig, skip_log: SkipLog | None = None,
+               allow_empty: bool = False) -> pd.DataFrame:
     """Read pairs into the canonical table used everywhere else.
 
     ``path`` is a CSV/parquet table of image paths, or webdataset tar shards (a ``.tar``, a glob,
@@ -274,7 +275,8 @@ def load_pairs(path: sources.Spec, cfg: DataConfig, skip_log: SkipLog | None = N
     (the default), is every image that fails ``image_problem``'s pre-pass, so that the bad rows are
     known, and listed, before any training step. Without it, an unreadable image is found when
     :class:`PairsDataset` decodes it and skipped at batch time. Reasons of samples from shards or
-    byte tables end with where the sample is: ``(shard 00001.tar, key 000000042)``.
+    byte tables end with where the sample is: ``(shard 00001.tar, key 000000042)``. ``allow_empty``: a
+    table with no usable row is returned empty instead of failing (one shard of many, read alone).
     """
     kind, files = sources.resolve(path, cfg)
     if kind == "table":
@@ -317,7 +319,7 @@ def load_pairs(path: sources.Spec, cfg: DataConfig, skip_log: SkipLog | None = N
     detail = ", ".join(f"{n} {r}" for r, n in counts.most_common())
     if skipped:
         log.warning("%s: skipped %d of %d rows (%s)", path, len(skipped), len(df), detail)
-    if bad.all():
+    if bad.all() and not allow_empty:
         raise DataError(f"data {str(path)!r} has no usable rows ({len(df)} rows"
                         + (f": {detail}" if detail else "") + "); check the caption column and that "
                         "image paths are correct relative to the table's folder")

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import tarfile
+import zlib
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -33,6 +34,7 @@ Spec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")  # first present is the sample's image
 BYTES_COLUMN_CANDIDATES = ("jpg", "image", "bytes", "png", "webp", "img")  # when data.image_bytes_col == ""
 ID_FALLBACKS = ("uid", "key")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 LOCATOR_COLUMN = "image_path"  # the column the readers put locators in
 WHERE_COLUMN = "_where"  # "shard x.tar, key k" for skip reasons; dropped by load_pairs
 
@@ -82,7 +84,7 @@ def resolve(spec: Spec, cfg: DataConfig) -> tuple[str, list[Path]]:
     files = expand(spec)
     if not files:
         raise DataError("no data files given; set data.train_csv_path / data.val_csv_path")
-    tars = [p.suffix.lower() == ".tar" for p in files]
+    tars = [is_tar(p) for p in files]
     if all(tars):
         return "shards", files
     if any(tars):
@@ -101,20 +103,32 @@ def resolve(spec: Spec, cfg: DataConfig) -> tuple[str, list[Path]]:
     return "table", files
 
 
+def is_tar(path: Path) -> bool:
+    """A webdataset shard: ``.tar``, or gzipped ``.tar.gz`` / ``.tgz`` (each read whole once: members.py)."""
+    return Path(path).name.lower().endswith(TAR_SUFFIXES)
+
+
+def shard_stem(path: Path) -> str:
+    name = Path(path).name
+    return next(name[:-len(s)] for s in TAR_SUFFIXES if name.lower().endswith(s))
+
+
 # ----------------------------------------------------------------------------- readers
 def read_shards(shards: Sequence[Path], cfg: DataConfig) -> pd.DataFrame:
     """One row per sample key of every shard: key, image locator ("" when the sample has no image),
-    caption (the ``.txt`` member, else the json's ``caption``) and the json's scalar fields."""
+    caption (the ``.txt`` member, else the json's ``caption``), the json's scalar fields and
+    ``data.shard_meta_cols`` of the metadata parquet beside the shard."""
     rows = []
     for shard in shards:
         shard = Path(shard)
         if not shard.is_file():
             raise DataError(f"webdataset shard {str(shard)!r} does not exist; check data.train_csv_path")
         try:
-            rows.extend(_shard_samples(shard.resolve()))
-        except (tarfile.TarError, OSError) as e:
+            samples = _shard_samples(shard.resolve())
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise DataError(f"could not read webdataset shard {str(shard)!r} ({type(e).__name__}: {e}); "
-                            "check that it is an uncompressed tar") from None
+                            "check that it is a tar (or a gzipped tar)") from None
+        rows.extend(_join_meta(samples, shard, cfg.shard_meta_cols) if cfg.shard_meta_cols else samples)
     df = pd.DataFrame(rows)
     if df.empty:
         raise DataError(f"the webdataset shards ({str(shards[0])!r}, ...) hold no samples")
@@ -159,9 +173,34 @@ def _with_id(df: pd.DataFrame, cfg: DataConfig) -> pd.DataFrame:
     return df
 
 
+def _join_meta(samples: list[dict], shard: Path, cols: str) -> list[dict]:
+    """img2dataset's per-shard metadata (``00000.parquet`` beside ``00000.tar``: key, caption, url, status,
+    uid and the other columns it was asked to save) joined to the shard's samples by key."""
+    path = shard.with_name(shard_stem(shard) + ".parquet")
+    if not path.is_file():
+        raise DataError(f"no metadata parquet {str(path)!r} beside shard {str(shard)!r} (data.shard_meta_cols="
+                        f"{cols!r}); set data.shard_meta_cols='' to read the shards alone")
+    names = pq.read_schema(path).names
+    if "key" not in names:
+        raise DataError(f"metadata parquet {str(path)!r} has no 'key' column to join the shard's samples by")
+    have = set().union(*samples) if samples else set()
+    wanted = ([c for c in names if c not in have and c != "key"] if cols.strip() == "*"
+              else [c.strip() for c in cols.split(",") if c.strip()])
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise DataError(f"metadata parquet {str(path)!r} has no column(s) {missing} (data.shard_meta_cols); "
+                        f"columns present: {', '.join(names)}")
+    meta = pq.read_table(path, columns=["key", *wanted]).to_pandas()
+    meta = meta.assign(key=meta["key"].astype(str)).drop_duplicates("key").set_index("key")
+    meta = meta.drop(columns=[c for c in (LOCATOR_COLUMN, WHERE_COLUMN) if c in meta.columns]).to_dict("index")
+    for s in samples:
+        s.update(meta.get(s["key"], {}))
+    return samples
+
+
 def _shard_samples(shard: Path) -> list[dict]:
     samples: dict[str, dict] = {}
-    with tarfile.open(shard, "r:") as tf:
+    with tarfile.open(shard, "r:*") as tf:
         for m in tf:
             if not m.isfile():
                 continue
