@@ -110,9 +110,10 @@ def test_a_killed_run_resumes_with_each_id_once_and_the_same_scores(setup, input
                              "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     parts = shards_dir(out)
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # generous: on a loaded 2-core machine Ray's start alone took minutes
     while not list(parts.glob("part_*.parquet")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
+    assert proc.poll() is None, f"the scoring run ended (exit {proc.returncode}) before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and its process group; Ray then ends its actors
     proc.wait()
     time.sleep(2)  # a part in flight on the orphaned actor may still land: harmless, it is atomic
