@@ -15,15 +15,22 @@ pair i lowers the validation loss. The rater's logit is regressed on the normal 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+import dataclasses
+import time
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy.special import ndtri
 from torch import nn
+from tqdm.auto import tqdm
 
 from alchemist.batch import TokenBatch
 from alchemist.bilevel.estimators import alignment
+from alchemist.config import RaterConfig
+from alchemist.runtime import Runtime, make_stream
+from alchemist.utils.optim import build_optimizer
 
 
 def adam_step_size(opt: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -94,8 +101,6 @@ def fit_rater(rater: nn.Module, step: Callable[[torch.Tensor], object], batches:
               progress: bool = True) -> list[float]:
     """``steps`` updates of the rater's logit towards ``target`` (id -> value) on ``batches`` (cycled
     by the caller); ``step(loss)`` applies one optimiser update. Returns each step's loss."""
-    from tqdm.auto import tqdm
-
     rater.train()
     losses = []
     it = iter(batches)
@@ -114,34 +119,28 @@ def fit_rater(rater: nn.Module, step: Callable[[torch.Tensor], object], batches:
     return losses
 
 
-def distill_settings(cfg) -> dict[str, float]:
+def distill_settings(cfg: RaterConfig) -> dict[str, float]:
     """What the stage's result depends on beyond the checkpoint: a rerun with other values redoes it."""
     b = cfg.bilevel
     return {"distill_steps": b.distill_steps, "distill_lr": b.distill_lr, "distill_pairs": b.distill_pairs}
 
 
-def needs_distillation(cfg, distilled: dict | None) -> bool:
+def needs_distillation(cfg: RaterConfig, distilled: dict | None) -> bool:
     """The stage is asked for and was not done with these settings."""
     settings = distill_settings(cfg)
     return bool(cfg.bilevel.distill_steps) and (distilled is None or
                                                  any(distilled.get(k) != v for k, v in settings.items()))
 
 
-def run_distillation(cfg, trainer, train_table, val_table, rt) -> dict[str, float]:
+def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, val_table: pd.DataFrame,
+                     rt: Runtime) -> dict[str, float]:
     """The stage ``train_rater`` runs after the bilevel loop when ``bilevel.distill_steps`` > 0: the
     final proxy's signal for ``bilevel.distill_pairs`` training pairs drawn at random (all of a
     smaller table), held featurised in memory, and the rater fitted to it on them, starting from the
     rater the loop ended with (kept in the checkpoint as ``rater_online``); a checkpoint marked
-    ``distilled`` with the settings (a rerun with the same ones skips the stage). Every process computes the same signal and takes the
-    same steps on the same batches, so the replicas stay equal without communication."""
-    import dataclasses
-    import time
-
-    from tqdm.auto import tqdm
-
-    from alchemist.runtime import make_stream
-    from alchemist.utils.optim import build_optimizer
-
+    ``distilled`` with the settings (a rerun with the same ones skips the stage). ``trainer``: the
+    ``BilevelTrainer`` after its loop. Every process computes the same signal and takes the same
+    steps on the same batches, so the replicas stay equal without communication."""
     t0 = time.perf_counter()
     if trainer.rater_online is None:
         trainer.rater_online = {k: v.detach().clone() for k, v in trainer.rater.state_dict().items()}
@@ -172,14 +171,16 @@ def run_distillation(cfg, trainer, train_table, val_table, rt) -> dict[str, floa
     losses = fit_rater(trainer.rater, lambda loss: trainer.optimizer_step(trainer.rater, opt, loss, scaler),
                        _shuffled_cycle(held, cfg.seed), target, cfg.bilevel.distill_steps, trainer.autocast, progress)
     trainer.rater.eval()
-    trainer.distilled = {**distill_settings(cfg), "pairs": len(ids), "steps_taken": len(losses), "loss_first": losses[0] if losses else float("nan"),
-                         "loss_last": float(np.mean(losses[-10:])) if losses else float("nan"),
+    nan = float("nan")
+    trainer.distilled = {**distill_settings(cfg), "pairs": len(ids), "steps_taken": len(losses),
+                         "loss_first": losses[0] if losses else nan,
+                         "loss_last": float(np.mean(losses[-10:])) if losses else nan,
                          "seconds": time.perf_counter() - t0}
     trainer.save()
     return {(k if k.startswith("distill_") else f"distill_{k}"): v for k, v in trainer.distilled.items()}
 
 
-def undo_distillation(trainer) -> None:
+def undo_distillation(trainer: Any) -> None:
     """Back to the rater the loop ended with (a rerun with ``bilevel.distill_steps`` = 0)."""
     trainer.rater.load_state_dict(trainer.rater_online)
     trainer.distilled = trainer.rater_online = None
