@@ -153,9 +153,13 @@ def _shard_file(root: Path, k: int) -> Path:
 
 def _fingerprint(table: pd.DataFrame, rater: Rater, shard_rows: int) -> dict:
     """What the shards depend on: reusing shards of another table, rater or sharding would be wrong."""
+    return {"rows": len(table), "table_sha1": table_sha1(table), "rater_sha1": rater_sha1(rater),
+            "shard_rows": shard_rows, "official_batch": OFFICIAL_BATCH}
+
+
+def table_sha1(table: pd.DataFrame) -> str:
     rows = pd.util.hash_pandas_object(table[["id", "image_path", "caption"]], index=False).to_numpy()
-    return {"rows": len(table), "table_sha1": hashlib.sha1(rows.tobytes()).hexdigest(),
-            "rater_sha1": rater_sha1(rater), "shard_rows": shard_rows, "official_batch": OFFICIAL_BATCH}
+    return hashlib.sha1(rows.tobytes()).hexdigest()
 
 
 def rater_sha1(rater: Rater) -> str:
@@ -178,7 +182,7 @@ def claim(root: Path, meta: dict, rank: int = 0) -> None:
             json.dump(meta, f)
 
 
-def _write_shard(path: Path, shard: pd.DataFrame) -> None:
+def write_shard(path: Path, shard: pd.DataFrame) -> None:
     with atomic_open(path, "wb") as f:
         shard.to_parquet(f, index=False)
 
@@ -276,7 +280,7 @@ def score_table(table: pd.DataFrame, out_path: str | os.PathLike, rater: Rater, 
     for k, (lo, hi) in bounds.items():
         n_batches = -(-(hi - lo) // batch_size)
         rows, p_NC, bad = pool_rows(rater, featurizer, cfg, ids, itertools.islice(raws, n_batches), bar.update)
-        _write_shard(_shard_file(root, k), shard_frame(rater, lo, ids, rows, p_NC, bad))
+        write_shard(_shard_file(root, k), shard_frame(rater, lo, ids, rows, p_NC, bad))
     bar.close()
 
     _barrier()

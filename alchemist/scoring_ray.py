@@ -30,7 +30,6 @@ import collections
 import concurrent.futures
 import csv
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -50,8 +49,8 @@ from alchemist.data import sources
 from alchemist.data.pairs import PairsDataset, SkipLog, collate_pairs, load_pairs, reason_kind
 from alchemist.rank_stream import StreamRanker
 from alchemist.ratings import table_format
-from alchemist.scoring import (DEFAULT_SHARD_ROWS, claim, load_rater, rater_sha1, scoring_config, shards_dir,
-                               skipped_path)
+from alchemist.scoring import (DEFAULT_SHARD_ROWS, claim, load_rater, pool_rows, rater_sha1, scoring_config,
+                               shard_frame, shards_dir, skipped_path, table_sha1, write_shard)
 from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_open, check_writable, remove_stale_temps
 
@@ -159,8 +158,7 @@ class PartScorer:
             with atomic_open(failed_file(self.root, part)) as f:
                 json.dump({"part": part.describe(), "reason": reason}, f)
             return None, reason
-        with atomic_open(part_file(self.root, part), "wb") as f:
-            frame.to_parquet(f, index=False)
+        write_shard(part_file(self.root, part), frame)
         failed_file(self.root, part).unlink(missing_ok=True)
         return frame, ""
 
@@ -173,8 +171,6 @@ class PartScorer:
         return load_pairs([part.file], self.data_cfg, log, allow_empty=True), log.items
 
     def score_part(self, part: Part) -> pd.DataFrame:
-        from alchemist.scoring import pool_rows, shard_frame
-
         pairs, load_skips = self.read_part(part)
         pairs = pairs.drop(columns=[c for c in OWN if c in pairs.columns])
         ids = pairs["id"].to_numpy()
@@ -231,8 +227,7 @@ def _fingerprint(parts: list[Part], table: pd.DataFrame | None, rater, cfg, shar
     meta = {"engine": "ray", "parts": [[p.file, p.lo, p.hi] for p in parts], "rater_sha1": rater_sha1(rater),
             "data": data}
     if table is not None:
-        rows = pd.util.hash_pandas_object(table[["id", "image_path", "caption"]], index=False).to_numpy()
-        meta.update(rows=len(table), shard_rows=shard_rows, table_sha1=hashlib.sha1(rows.tobytes()).hexdigest())
+        meta.update(rows=len(table), shard_rows=shard_rows, table_sha1=table_sha1(table))
     return meta
 
 

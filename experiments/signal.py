@@ -2,7 +2,8 @@
 
 At the run's final proxy θ (and its AdamW state), every training pair's coefficient
 c_i = ∇l_i(θ)·(P ⊙ v), v = ∇L_val(θ) on up to ``n_val`` validation pairs and P = 1/(ŝ + eps), AdamW's
-per-coordinate step size without its curvature term (the step's gradient is not in the checkpoint);
+per-coordinate step size without its curvature term (the step's gradient is not in the checkpoint):
+the distillation stage's signal (``alchemist.bilevel.distill.pair_signal``);
 a pair with a larger c_i helps the validation loss more. Reported per planted kind beside the rater's
 own AUROC: where the two disagree, the rater did not learn what the signal ends up saying.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from alchemist.bilevel.estimators import alignment
+from alchemist.bilevel.distill import pair_signal
 from alchemist.build import build_proxy, build_text_encoder, build_tokenizer
 from alchemist.config import RaterConfig, config_from_dict
 from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
@@ -43,24 +44,15 @@ def final_signal(run: str | Path, n_val: int = 400, eps: float = 1e-2) -> pd.Dat
     proxy.load_state_dict(ckpt["proxy"])
     proxy.eval()
     featurize = Featurizer(build_tokenizer(cfg.model, cpu), text, cpu)
-    params = list(proxy.parameters())
     val = load_pairs(cfg.data.val_csv_path, cfg.data).head(n_val)
-    _, val_batch = next(_batches(val, cfg.data.image_size, featurize, n_val))
-    v = torch.autograd.grad(proxy.per_sample_loss(val_batch).mean(), params, allow_unused=True)
     opt = build_optimizer(proxy, "adamw", 1.0, 0.0)  # the trainer's grouping, so its saved state maps back
     opt.load_state_dict(ckpt["opt_proxy"])
-    u = []
-    for p, g in zip(params, v):
-        s, group = opt.state[p], next(gr for gr in opt.param_groups if any(q is p for q in gr["params"]))
-        s_hat = (s["exp_avg_sq"] / (1 - group["betas"][1] ** float(s["step"]))).sqrt()
-        u.append(torch.zeros_like(p) if g is None else g / (s_hat + group["eps"]))
-    theta = [p.detach().clone() for p in params]
     train = load_pairs(cfg.data.train_csv_path, cfg.data)
-    parts = []
-    for rows, batch in _batches(train, cfg.data.image_size, featurize, 200):
-        c = alignment(proxy, params, theta, u, batch, eps, lambda: torch.autocast("cpu", enabled=False))
-        parts.append(pd.DataFrame({"id": rows["id"].astype(str).to_numpy(), "c": c.numpy()}))
-    df = pd.concat(parts, ignore_index=True)
+    c = pair_signal(proxy, opt, [next(_batches(val, cfg.data.image_size, featurize, n_val))[1]],
+                    ((rows["id"].astype(str).tolist(), batch)
+                     for rows, batch in _batches(train, cfg.data.image_size, featurize, 200)),
+                    eps, lambda: torch.autocast("cpu", enabled=False))
+    df = pd.DataFrame({"id": list(c), "c": list(c.values())})
     kinds = pd.read_csv(run / "data/defects.csv", dtype={"id": str}, keep_default_na=False).set_index("id")["kind"]
     ratings = pd.read_parquet(run / "ratings.parquet")
     df["kind"] = df["id"].map(kinds)

@@ -153,7 +153,7 @@ def test_feature_cache_gives_the_same_scores(setup, tmp_path):
 
 
 def test_resume_after_crash_loses_only_the_shard_in_flight(setup, tmp_path, monkeypatch):
-    real, written = scoring._write_shard, []
+    real, written = scoring.write_shard, []
 
     def crash_after_first(path, shard):
         if written:
@@ -161,7 +161,7 @@ def test_resume_after_crash_loses_only_the_shard_in_flight(setup, tmp_path, monk
         written.append(path.name)
         real(path, shard)
 
-    monkeypatch.setattr(scoring, "_write_shard", crash_after_first)
+    monkeypatch.setattr(scoring, "write_shard", crash_after_first)
     out = tmp_path / "ratings.parquet"
     with pytest.raises(KeyboardInterrupt):
         _score(setup, out)
@@ -171,7 +171,7 @@ def test_resume_after_crash_loses_only_the_shard_in_flight(setup, tmp_path, monk
         written.append(path.name)
         real(path, shard)
 
-    monkeypatch.setattr(scoring, "_write_shard", spy)
+    monkeypatch.setattr(scoring, "write_shard", spy)
     resumed = _score(setup, out)
     assert written[1:] == ["shard_00001.parquet", "shard_00002.parquet", "shard_00003.parquet"]
     straight = _score(setup, tmp_path / "straight.parquet")

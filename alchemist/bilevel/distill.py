@@ -96,24 +96,19 @@ def distill_loss(logit_B: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
     return (logit_B.float() - target_B).pow(2).mean()
 
 
-def fit_rater(rater: nn.Module, step: Callable[[torch.Tensor], object], batches: Iterable[tuple[list, TokenBatch]],
-              target: dict[str, float], steps: int, autocast: Callable[[], object],
+def fit_rater(rater: nn.Module, step: Callable[[torch.Tensor], object],
+              batches: Iterable[tuple[TokenBatch, torch.Tensor]], steps: int, autocast: Callable[[], object],
               progress: bool = True) -> list[float]:
-    """``steps`` updates of the rater's logit towards ``target`` (id -> value) on ``batches`` (cycled
-    by the caller); ``step(loss)`` applies one optimiser update. Returns each step's loss."""
+    """``steps`` updates of the rater's logit towards each batch's target (from ``batches``, cycled by
+    the caller); ``step(loss)`` applies one optimiser update. Returns each step's loss."""
     rater.train()
     losses = []
     it = iter(batches)
     for _ in tqdm(range(steps), desc="distill", disable=not progress, dynamic_ncols=True):
-        ids, batch = next(it)
-        keep = [k for k, i in enumerate(ids) if str(i) in target]
-        if not keep:
-            continue
-        batch = batch.index(torch.tensor(keep, device=batch.idx_BL.device))
-        t_B = torch.tensor([target[str(ids[k])] for k in keep], dtype=torch.float32, device=batch.idx_BL.device)
+        batch, target_B = next(it)
         with autocast():
             logit_B = rater(batch).logit_B
-        loss = distill_loss(logit_B, t_B)
+        loss = distill_loss(logit_B, target_B)
         step(loss)
         losses.append(float(loss.detach()))
     return losses
@@ -155,7 +150,7 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
         for raw in raws:
             batch = trainer.featurize(raw)
             if batch is not None and batch.B:
-                yield raw.get("ids", []), batch
+                yield raw["ids"], batch
 
     val = (b for _, b in featurized(stream(val_table, "val", False, cfg.seed).epoch_batches()))
     held = list(_first_pairs(featurized(stream(train_table, "train", True, cfg.seed + 2).epoch_batches()),
@@ -165,11 +160,13 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
                          cfg.bilevel.lookahead_eps, trainer.autocast)
     ids = list(signal)
     target = dict(zip(ids, rank_target(np.array([signal[i] for i in ids]))))
+    fitted = [(batch, torch.tensor([target[str(i)] for i in batch_ids], dtype=torch.float32,
+                                   device=batch.idx_BL.device)) for batch_ids, batch in held]
     o = cfg.optim
     opt = build_optimizer(trainer.rater, o.opt, cfg.bilevel.distill_lr or o.rater_lr, o.rater_wd, (o.beta1, o.beta2))
     scaler = trainer.new_scaler()
     losses = fit_rater(trainer.rater, lambda loss: trainer.optimizer_step(trainer.rater, opt, loss, scaler),
-                       _shuffled_cycle(held, cfg.seed), target, cfg.bilevel.distill_steps, trainer.autocast, progress)
+                       _shuffled_cycle(fitted, cfg.seed), cfg.bilevel.distill_steps, trainer.autocast, progress)
     trainer.rater.eval()
     nan = float("nan")
     trainer.distilled = {**distill_settings(cfg), "pairs": len(ids), "steps_taken": len(losses),
