@@ -169,6 +169,8 @@ class BilevelConfig:
     distill_steps: int = 0  # after the loop: rater steps fitting it to the final proxy's signal (bilevel/distill.py)
     distill_lr: float = 0.0  # their learning rate (0: optim.rater_lr)
     distill_pairs: int = 10000  # training pairs, drawn at random, that get the signal and are fitted (in memory)
+    distill_proxy_steps: int = 0  # plain steps of a copy of the final proxy on those pairs before its signal
+    distill_captions: int = 0  # other captions per pair for the caption-agreement term of the target (0: none)
     official_scale: bool = False  # proxy train term (1/B)·Σ softmax·l as in the official code;
     # default: weights rescaled to mean 1 so the train term is a weighted average of the losses
 
@@ -177,8 +179,9 @@ class BilevelConfig:
         _check(self.gamma_decay >= 0 and self.entropy_reg >= 0, "bilevel.gamma_decay and entropy_reg must be >= 0")
         _check(self.lookahead_eps > 0, "bilevel.lookahead_eps must be > 0")
         _check(self.center or not self.standardize, "bilevel.standardize needs bilevel.center=true")
-        _check(self.distill_steps >= 0 and self.distill_lr >= 0 and self.distill_pairs >= 1,
-               "bilevel.distill_steps and distill_lr must be >= 0, distill_pairs >= 1")
+        _check(min(self.distill_steps, self.distill_lr, self.distill_proxy_steps, self.distill_captions) >= 0
+               and self.distill_pairs >= 1, "bilevel.distill_steps, distill_lr, distill_proxy_steps and "
+               "distill_captions must be >= 0, distill_pairs >= 1")
         _check(not (self.distill_steps and self.fix_proxy), "bilevel.distill_steps reads the proxy optimiser's "
                "state, and bilevel.fix_proxy=true has none")
         _check(self.rater_replay >= 0 and self.replay_size >= 1, "bilevel.rater_replay must be >= 0 and replay_size >= 1")

@@ -6,16 +6,21 @@ per-coordinate step size without its curvature term (the step's gradient is not 
 the distillation stage's signal (``alchemist.bilevel.distill.pair_signal``);
 a pair with a larger c_i helps the validation loss more. Reported per planted kind beside the rater's
 own AUROC: where the two disagree, the rater did not learn what the signal ends up saying.
+``proxy_steps`` and ``captions`` take the signal as the distillation stage's options do (a copy of the
+proxy trained further; the caption agreement and the combined target), for any run.
 """
 from __future__ import annotations
 
 import json
+from itertools import cycle
 from pathlib import Path
+
+import numpy as np
 
 import pandas as pd
 import torch
 
-from alchemist.bilevel.distill import pair_signal
+from alchemist.bilevel.distill import caption_agreement, combined_target, pair_signal, trained_further
 from alchemist.build import build_proxy, build_text_encoder, build_tokenizer
 from alchemist.config import RaterConfig, config_from_dict
 from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
@@ -32,34 +37,56 @@ def _batches(table: pd.DataFrame, image_size: int, featurize: Featurizer, bs: in
         yield table.iloc[lo:lo + bs], featurize(collate_pairs([ds[i] for i in range(lo, min(len(ds), lo + bs))]))
 
 
-def final_signal(run: str | Path, n_val: int = 400, eps: float = 1e-2) -> pd.DataFrame:
+def final_signal(run: str | Path, n_val: int = 400, eps: float = 1e-2, proxy_steps: int = 0,
+                 captions: int = 0) -> pd.DataFrame:
     """Per defect kind of a demo-layout run folder (data/, rater/, ratings.parquet): AUROC of the
-    final-proxy coefficient and of the rater's score (clean > kind), and the coefficient's mean."""
+    final-proxy coefficient (``signal``), with ``captions`` of the caption agreement (``captions``) and
+    of the combined target (``target``), and of the rater's score (clean > kind); the coefficient's
+    mean; the validation loss of the proxy the signal was taken at."""
     run = Path(run)
     cfg = config_from_dict(RaterConfig, json.loads((run / "rater/config.json").read_text()))
+    o = cfg.optim
     ckpt = load_checkpoint(latest_checkpoint(run / "rater"))
     cpu = torch.device("cpu")
+    no_amp = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
     text = build_text_encoder(cfg.model, cpu)
     proxy = build_proxy(cfg.model, text.width, cpu)
     proxy.load_state_dict(ckpt["proxy"])
-    proxy.eval()
     featurize = Featurizer(build_tokenizer(cfg.model, cpu), text, cpu)
-    val = load_pairs(cfg.data.val_csv_path, cfg.data).head(n_val)
-    opt = build_optimizer(proxy, "adamw", 1.0, 0.0)  # the trainer's grouping, so its saved state maps back
+    val = next(_batches(load_pairs(cfg.data.val_csv_path, cfg.data).head(n_val), cfg.data.image_size, featurize,
+                        n_val))[1]
+    make_opt = lambda m: build_optimizer(m, o.opt, o.tlr, o.twd, (o.beta1, o.beta2))  # noqa: E731 (the trainer's)
+    opt = make_opt(proxy)
     opt.load_state_dict(ckpt["opt_proxy"])
     train = load_pairs(cfg.data.train_csv_path, cfg.data)
-    c = pair_signal(proxy, opt, [next(_batches(val, cfg.data.image_size, featurize, n_val))[1]],
-                    ((rows["id"].astype(str).tolist(), batch)
-                     for rows, batch in _batches(train, cfg.data.image_size, featurize, 200)),
-                    eps, lambda: torch.autocast("cpu", enabled=False))
+    held = [(rows["id"].astype(str).tolist(), batch)
+            for rows, batch in _batches(train.sample(frac=1.0, random_state=cfg.seed), cfg.data.image_size, featurize,
+                                        o.bs)]
+    if proxy_steps:
+        def step(m, opt, loss):
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), o.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        proxy, opt = trained_further(proxy, opt, cycle(b for _, b in held), proxy_steps, o.tlr, make_opt, step,
+                                     no_amp, progress=False)
+    proxy.eval()
+    with torch.no_grad():
+        val_loss = float(proxy.per_sample_loss(val).mean())
+    c = pair_signal(proxy, opt, [val], held, eps, no_amp)
     df = pd.DataFrame({"id": list(c), "c": list(c.values())})
+    columns = {"signal": "c", "rater": "score"}
+    if captions:
+        a = caption_agreement(proxy, held, captions, no_amp)
+        df["a"] = df["id"].map(a)
+        df["t"] = combined_target(df["c"].to_numpy(), df["a"].to_numpy().astype(np.float64))
+        columns = {"signal": "c", "captions": "a", "target": "t", "rater": "score"}
     kinds = pd.read_csv(run / "data/defects.csv", dtype={"id": str}, keep_default_na=False).set_index("id")["kind"]
     ratings = pd.read_parquet(run / "ratings.parquet")
     df["kind"] = df["id"].map(kinds)
     df["score"] = df["id"].map(ratings.set_index(ratings["id"].astype(str))["score"])
     clean = df[df["kind"] == "clean"]
-    rows = [{"kind": k, "signal_auroc": auroc(clean["c"], df.loc[df["kind"] == k, "c"]),
-             "rater_auroc": auroc(clean["score"], df.loc[df["kind"] == k, "score"]),
-             "signal_mean": float(df.loc[df["kind"] == k, "c"].mean())}
+    rows = [{**{f"{name}_auroc": auroc(clean[col], df.loc[df["kind"] == k, col]) for name, col in columns.items()},
+             "kind": k, "signal_mean": float(df.loc[df["kind"] == k, "c"].mean()), "val_loss": val_loss}
             for k in DEFECT_KINDS if (df["kind"] == k).any()]
     return pd.DataFrame(rows).set_index("kind")

@@ -146,8 +146,12 @@ def signal_main(argv: list[str]) -> int:
                         "coefficient at a rater run's final proxy, beside the rater's own AUROC.")
     ap.add_argument("--run", required=True, help="a demo-layout run folder (data/, rater/, ratings.parquet)")
     ap.add_argument("--n-val", type=int, default=400, help="validation pairs in the gradient")
+    ap.add_argument("--proxy-steps", type=int, default=0, help="plain steps of a copy of the proxy first "
+                    "(bilevel.distill_proxy_steps)")
+    ap.add_argument("--captions", type=int, default=0, help="also the caption agreement over this many other "
+                    "captions, and the combined target (bilevel.distill_captions)")
     args = ap.parse_args(argv)
-    print(final_signal(args.run, args.n_val).round(3).to_string())
+    print(final_signal(args.run, args.n_val, proxy_steps=args.proxy_steps, captions=args.captions).round(3).to_string())
     return 0
 
 

@@ -1,4 +1,8 @@
-"""The distillation stage: its signal against brute force, its target, a real tiny run and its resume."""
+"""The distillation stage: its signal, caption agreement and further-trained proxy against brute force,
+its target, a real tiny run and its resume."""
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +10,8 @@ from scipy.special import ndtri
 from scipy.stats import spearmanr
 
 from alchemist.batch import TokenBatch
-from alchemist.bilevel.distill import adam_step_size, pair_signal, rank_target
+from alchemist.bilevel.distill import (adam_step_size, caption_agreement, combined_target, pair_signal, rank_target,
+                                      trained_further)
 from alchemist.bilevel.launch import train_rater
 from alchemist.build import build_proxy, build_rater, build_text_encoder, build_tokenizer
 from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
@@ -45,6 +50,73 @@ def test_pair_signal_is_each_pairs_gradient_along_adams_step_of_the_val_gradient
             want = sum((gi * ui).sum() for gi, ui in zip(g, u)).item()
             assert got[i] == pytest.approx(want, rel=1e-5, abs=1e-10)
     assert len({round(c, 12) for c in got.values()}) == 5  # five different pairs, five values
+
+
+def test_caption_agreement_is_the_share_of_other_captions_that_predict_the_image_worse():
+    """Brute force: each pair's image scored alone with each of the ``others`` captions it is compared
+    with (the ones 1..K rows before it in its batch, cyclically), float64; a batch of one gives 0.5."""
+    torch.manual_seed(0)
+    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
+    batches = [(list("abcde"), _tiny_batch(5, seed=4)), (["f", "g"], _tiny_batch(2, seed=5)), (["h"], _tiny_batch(1, seed=6))]
+    got = caption_agreement(proxy, batches, 3, NO_AMP)
+    with torch.no_grad():
+        for ids, batch in batches:
+            B = batch.B
+            for i, pid in enumerate(ids):
+                alone = lambda j: proxy.per_sample_loss(dataclasses.replace(  # noqa: E731
+                    batch.index([i]), text=batch.text.index([j]))).item()
+                others = [(i - r) % B for r in range(1, min(3, B - 1) + 1)]
+                want = np.mean([alone(j) > alone(i) for j in others]) if others else 0.5
+                assert got[pid] == pytest.approx(want, abs=1e-6)
+    assert len(set(got.values())) > 1  # the random proxy does read the captions
+
+
+def test_trained_further_continues_adam_on_a_copy_at_the_given_lr():
+    """Steps on a copy: the original and its optimiser are untouched; the copy equals AdamW carried on
+    from the original's moments (step count included) at the new lr."""
+    torch.manual_seed(0)
+    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
+    make = lambda m: build_optimizer(m, "adamw", 1e-4, 0.05)  # noqa: E731
+    opt = make(proxy)
+    for s in range(2):
+        proxy.per_sample_loss(_tiny_batch(4, seed=10 + s)).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    before = copy.deepcopy(proxy.state_dict())
+    state_before = copy.deepcopy(opt.state_dict())
+    batches = [_tiny_batch(3, seed=20 + s) for s in range(3)]
+
+    def step(m, o, loss):
+        loss.backward()
+        o.step()
+        o.zero_grad()
+
+    twin, twin_opt = trained_further(proxy, opt, iter(batches), 3, 3e-3, make, step, NO_AMP, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in proxy.state_dict().items())
+    assert {g["lr"] for g in opt.param_groups} == {1e-4} and {g["lr"] for g in twin_opt.param_groups} == {3e-3}
+    assert str(opt.state_dict()["state"]) == str(state_before["state"])
+
+    want = copy.deepcopy(proxy)
+    want_opt = make(want)
+    want_opt.load_state_dict(state_before)
+    for group in want_opt.param_groups:  # weights with and without decay
+        group["lr"] = 3e-3
+    for b in batches:
+        step(want, want_opt, want.per_sample_loss(b).float().mean())  # the loss in fp32, as the stage takes it
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(twin.parameters(), want.parameters()))
+    assert all(float(twin_opt.state[p]["step"]) == 5 for p in twin.parameters())
+    assert not all(torch.allclose(a, b) for a, b in zip(twin.parameters(), proxy.parameters()))
+
+
+def test_combined_target_rates_a_pair_by_the_worse_of_its_two_tests():
+    c = np.array([5.0, 4.0, 3.0, 2.0, 1.0])  # the signal's order: pair 0 best
+    a = np.array([0.1, 1.0, 0.9, 0.8, 0.7])  # pair 0's caption fails
+    t = combined_target(c, a)
+    z = lambda x: rank_target(x)  # noqa: E731
+    assert np.allclose(t, rank_target(np.minimum(z(c), z(a))))
+    assert np.allclose(np.sort(t), np.sort(rank_target(np.array([1, 4, 3, 2, 1.0]))))  # normal quantiles of ranks
+    assert t[0] == t[4] < t[3] < t[2] < t[1]  # min ranks 1, 4, 3, 2, 1: the caption sinks pair 0, the signal pair 4
+    assert np.allclose(combined_target(c, None), rank_target(c))
 
 
 def test_rank_target_is_the_normal_quantile_of_the_rank_with_ties_shared():
@@ -96,8 +168,12 @@ def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(ti
     # other settings redo the stage from the loop's rater; none restores that rater
     online = ck["rater_online"]
     assert not all(torch.equal(online[k], before[k]) for k in before)
-    redo = train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=10, distill_lr=3e-3))
-    assert redo["distill_steps_taken"] == 10
+    redo = train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=10, distill_lr=3e-3,
+                            distill_proxy_steps=4, distill_captions=3))
+    assert redo["distill_steps_taken"] == 10 and redo["distill_proxy_steps"] == 4 and redo["distill_captions"] == 3
+    redone = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
+    assert all(torch.equal(ck["proxy"][k], redone["proxy"][k]) for k in ck["proxy"])  # trained further on a copy
+    assert not all(torch.equal(redone["rater"][k], before[k]) for k in before)
     train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=0))
     undone = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
     assert undone["distilled"] is None and all(torch.equal(online[k], undone["rater"][k]) for k in online)

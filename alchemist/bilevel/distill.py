@@ -12,9 +12,21 @@ per-coordinate step size without its curvature term (the last step's gradient is
 the (1−γ)·s factor are constants that the rank transform below removes). c_i > 0: a small step on
 pair i lowers the validation loss. The rater's logit is regressed on the normal quantile of c's rank
 (rank-based: c is heavy-tailed, and only the ranking is used downstream).
+
+Two options make the target steadier and let it see wrong captions (docs/bilevel.md, "Distillation"):
+- ``distill_proxy_steps``: a copy of the final proxy takes that many plain steps on the held pairs
+  first. The loop's proxy is young (128 steps on the demo) and its signal moves with the seed; a
+  longer-trained one ranks the pairs more consistently. The checkpoint's proxy is left as it was.
+- ``distill_captions``: the proxy's caption agreement a_i, the share of K other captions under which
+  it predicts pair i's image worse than under the pair's own caption (a retrieval rank under the
+  proxy's likelihood). The lookahead coefficient barely moves for a wrong caption, because a wrong
+  caption touches only the text pathway's share of the gradient; a_i is ~1 for a caption the image
+  confirms and ~0.5 for one it does not. The target is then the rank transform of
+  min(z(c), z(a)), z the normal quantile of the rank: a pair is as good as the worse of its two tests.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -80,6 +92,55 @@ def pair_signal(proxy: nn.Module, opt: torch.optim.Optimizer, val: Iterable[Toke
     return out
 
 
+@torch.no_grad()
+def caption_agreement(proxy: nn.Module, train: Iterable[tuple[list, TokenBatch]], others: int,
+                      autocast: Callable[[], object]) -> dict[str, float]:
+    """id -> the share of up to ``others`` other captions of its own batch (the captions 1..others rows
+    on, cyclically) under which the proxy's loss on the pair's image is higher than under its own
+    caption; 0.5 for a pair alone in its batch. The proxy is left as it was."""
+    was_training = proxy.training
+    proxy.eval()
+    out: dict[str, float] = {}
+    for ids, batch in train:
+        B, shifts = batch.B, range(1, min(others, batch.B - 1) + 1)
+        with autocast():
+            own_B = proxy.per_sample_loss(batch).float()
+        wins_B = torch.zeros(B, device=own_B.device)
+        for r in shifts:
+            rolled = torch.roll(torch.arange(B, device=own_B.device), r)
+            with autocast():
+                wins_B += proxy.per_sample_loss(dataclasses.replace(batch, text=batch.text.index(rolled))).float() > own_B
+        share_B = wins_B / len(shifts) if len(shifts) else torch.full((B,), 0.5)
+        out.update(zip(map(str, ids), share_B.cpu().tolist()))
+    proxy.train(was_training)
+    return out
+
+
+def trained_further(proxy: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[TokenBatch], steps: int,
+                    lr: float, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                    step: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], object],
+                    autocast: Callable[[], object], progress: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A copy of ``proxy`` and of its optimiser's state after ``steps`` plain (unweighted) steps at
+    ``lr`` on ``batches``; ``step(model, opt, loss)`` applies one update. The originals are untouched."""
+    twin = copy.deepcopy(proxy).train()
+    twin_opt = make_optimizer(twin)
+    # its moments carry on (copied: loading shares the tensors, and Adam updates them in place)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for group in twin_opt.param_groups:
+        group["lr"] = lr
+    it = iter(batches)
+    for _ in tqdm(range(steps), desc="distill proxy", disable=not progress, dynamic_ncols=True):
+        with autocast():
+            loss = twin.per_sample_loss(next(it)).float().mean()
+        step(twin, twin_opt, loss)
+    return twin, twin_opt
+
+
+def combined_target(c: np.ndarray, a: np.ndarray | None) -> np.ndarray:
+    """``rank_target(c)``, or with caption agreement ``a`` the rank target of min(z(c), z(a))."""
+    return rank_target(c) if a is None else rank_target(np.minimum(rank_target(c), rank_target(a)))
+
+
 def rank_target(c: np.ndarray) -> np.ndarray:
     """The standard-normal quantile of each value's rank (ties share their mean rank)."""
     order = c.argsort(kind="stable")
@@ -117,7 +178,8 @@ def fit_rater(rater: nn.Module, step: Callable[[torch.Tensor], object],
 def distill_settings(cfg: RaterConfig) -> dict[str, float]:
     """What the stage's result depends on beyond the checkpoint: a rerun with other values redoes it."""
     b = cfg.bilevel
-    return {"distill_steps": b.distill_steps, "distill_lr": b.distill_lr, "distill_pairs": b.distill_pairs}
+    return {"distill_steps": b.distill_steps, "distill_lr": b.distill_lr, "distill_pairs": b.distill_pairs,
+            "distill_proxy_steps": b.distill_proxy_steps, "distill_captions": b.distill_captions}
 
 
 def needs_distillation(cfg: RaterConfig, distilled: dict | None) -> bool:
@@ -155,18 +217,27 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
     val = (b for _, b in featurized(stream(val_table, "val", False, cfg.seed).epoch_batches()))
     held = list(_first_pairs(featurized(stream(train_table, "train", True, cfg.seed + 2).epoch_batches()),
                              cfg.bilevel.distill_pairs))
-    signal = pair_signal(trainer.proxy, trainer.opt_proxy, val,
+    o, b = cfg.optim, cfg.bilevel
+    proxy, opt_proxy = trainer.proxy, trainer.opt_proxy
+    if b.distill_proxy_steps:
+        scaler = trainer.new_scaler()
+        proxy, opt_proxy = trained_further(
+            proxy, opt_proxy, (batch for _, batch in _shuffled_cycle(held, cfg.seed + 3)), b.distill_proxy_steps,
+            o.tlr, lambda m: build_optimizer(m, o.opt, o.tlr, o.twd, (o.beta1, o.beta2)),
+            lambda m, opt, loss: trainer.optimizer_step(m, opt, loss, scaler), trainer.autocast, progress)
+    signal = pair_signal(proxy, opt_proxy, val,
                          tqdm(held, desc="distill signal", disable=not progress, dynamic_ncols=True),
-                         cfg.bilevel.lookahead_eps, trainer.autocast)
+                         b.lookahead_eps, trainer.autocast)
     ids = list(signal)
-    target = dict(zip(ids, rank_target(np.array([signal[i] for i in ids]))))
+    agreement = caption_agreement(proxy, held, b.distill_captions, trainer.autocast) if b.distill_captions else None
+    target = dict(zip(ids, combined_target(np.array([signal[i] for i in ids]),
+                                           None if agreement is None else np.array([agreement[i] for i in ids]))))
     fitted = [(batch, torch.tensor([target[str(i)] for i in batch_ids], dtype=torch.float32,
                                    device=batch.idx_BL.device)) for batch_ids, batch in held]
-    o = cfg.optim
-    opt = build_optimizer(trainer.rater, o.opt, cfg.bilevel.distill_lr or o.rater_lr, o.rater_wd, (o.beta1, o.beta2))
+    opt = build_optimizer(trainer.rater, o.opt, b.distill_lr or o.rater_lr, o.rater_wd, (o.beta1, o.beta2))
     scaler = trainer.new_scaler()
     losses = fit_rater(trainer.rater, lambda loss: trainer.optimizer_step(trainer.rater, opt, loss, scaler),
-                       _shuffled_cycle(fitted, cfg.seed), cfg.bilevel.distill_steps, trainer.autocast, progress)
+                       _shuffled_cycle(fitted, cfg.seed), b.distill_steps, trainer.autocast, progress)
     trainer.rater.eval()
     nan = float("nan")
     trainer.distilled = {**distill_settings(cfg), "pairs": len(ids), "steps_taken": len(losses),
