@@ -14,6 +14,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import multiprocessing as mp
+import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -39,9 +40,13 @@ ARMS = {"full": ("all", 1.0), "random_50": ("random", 0.5), "shift_gsample_50": 
 
 
 def subset_table(seed_dir: Path, arm: str, seed: int) -> pd.DataFrame:
-    """The arm's training rows (the seed's own ratings; sampled arms use the seed)."""
+    """The arm's training rows (the seed's own ratings; sampled arms use the seed). The ratings file is
+    in rank order, so the full and random arms take it in id order: their rows, and the order the
+    loader shuffles from, do not depend on the rater."""
     strategy, retention = ARMS[arm]
     ratings = read_ratings(seed_dir / "ratings.parquet")
+    if strategy in ("all", "random"):
+        ratings = ratings.sort_values("id", kind="stable").reset_index(drop=True)
     if strategy == "all":
         return ratings.drop(columns=["score", "rank", "official_score"], errors="ignore")
     return prune_table(ratings, strategy, retention, seed=seed).drop(columns=["official_score"], errors="ignore")
@@ -66,13 +71,17 @@ def run_arm(seed_dir: str, arm: str, seed: int, epochs_full: int, overrides: Seq
     out = d / "downstream" / arm
     out.mkdir(parents=True, exist_ok=True)
     subset = subset_table(d, arm, seed)
+    if (out / "subset.csv").exists() and not pd.read_csv(out / "subset.csv", dtype={"id": str})["id"].equals(
+            subset["id"].astype(str).reset_index(drop=True)):  # trained on other rows (e.g. a re-rated seed)
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
     with atomic_open(out / "subset.csv") as f:
         subset.to_csv(f, index=False)
     epochs = epochs_full * round(1 / ARMS[arm][1])
     cfg = demo_config(T2IConfig, config, d, seed, [*overrides, f"--train_csv_path={out / 'subset.csv'}",
                                                    f"--local_out_dir_path={d / 'downstream'}", f"--exp_name={arm}",
                                                    f"--ep={epochs}", "--progress=false"])
-    summary_path = out / "summary.json"  # a finished run is reused
+    summary_path = out / "summary.json"  # a finished run on the same rows is reused
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else train_t2i(cfg)
     shuffled = caption_shuffled_loss(cfg.output.run_dir, Path(cfg.data.val_csv_path))
     defects = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False).set_index("id")["kind"]

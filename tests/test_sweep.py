@@ -73,7 +73,8 @@ def swept(tmp_path_factory):
     """Two seeds of the whole pipeline at toy size."""
     out = tmp_path_factory.mktemp("sweep")
     args = ["--n-train", "64", "--n-val", "16", "--tokenizer-steps", "2", "--ep=1", "--bs=8", "--depth=1",
-            "--raterDepth=1", "--text_max_len=16", "--num_workers=0", "--distill_steps=10"]
+            "--raterDepth=1", "--text_max_len=16", "--num_workers=0", "--distill_steps=10",
+            "--distill_proxy_steps=3", "--distill_captions=2"]
     return out, run_sweep("demo", [0, 1], out, jobs=2, args=args)
 
 
@@ -106,7 +107,7 @@ def test_sweep_report_matches_a_recomputation_from_each_seeds_ratings(swept):
     assert "± " in (tmp_path / "sweep.md").read_text()
 
 
-def test_downstream_arms_at_equal_steps(swept):
+def test_downstream_arms_at_equal_steps(swept, tmp_path):
     """Every arm × seed trains the same number of steps; the subsets are the selection rule's on the
     seed's own ratings; the report's numbers are the runs' mean ± std."""
     from alchemist.ratings import read_ratings
@@ -128,6 +129,24 @@ def test_downstream_arms_at_equal_steps(swept):
     g = runs.groupby("arm")
     assert table["heldout_mean"].to_dict() == pytest.approx(g["heldout_loss"].mean().to_dict())
     assert table["heldout_std"].to_dict() == pytest.approx(g["heldout_loss"].std(ddof=1).to_dict())
+
+    # the random arm does not depend on the ratings' order; a run on other rows is not reused
+    from experiments.downstream import run_arm, subset_table
+    seed0 = out / "seed0"
+    ratings = read_ratings(seed0 / "ratings.parquet")
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    ratings.sample(frac=1.0, random_state=3).to_parquet(shuffled / "ratings.parquet")
+    assert subset_table(shuffled, "random_50", 0)["id"].tolist() == subset_table(seed0, "random_50", 0)["id"].tolist()
+    arm = seed0 / "downstream/topk_50"
+    stale = pd.read_csv(arm / "subset.csv", dtype={"id": str}).iloc[:-1]
+    stale.to_csv(arm / "subset.csv", index=False)
+    before = (arm / "summary.json").stat().st_mtime_ns
+    run_arm(str(seed0), "topk_50", 0, 1, ["--depth=1", "--bs=8", "--text_max_len=16", "--num_workers=0"],
+            "configs/demo_t2i.json")
+    assert (arm / "summary.json").stat().st_mtime_ns > before
+    assert set(pd.read_csv(arm / "subset.csv", dtype={"id": str})["id"]) == set(
+        ratings.iloc[select(ratings, "topk", 0.5)]["id"].astype(str))
 
 
 def test_trace_frame_z_scores_and_spans():

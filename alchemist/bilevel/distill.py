@@ -229,7 +229,8 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
                          tqdm(held, desc="distill signal", disable=not progress, dynamic_ncols=True),
                          b.lookahead_eps, trainer.autocast)
     ids = list(signal)
-    agreement = caption_agreement(proxy, held, b.distill_captions, trainer.autocast) if b.distill_captions else None
+    agreement = (caption_agreement(proxy, tqdm(held, desc="distill captions", disable=not progress, dynamic_ncols=True),
+                                   b.distill_captions, trainer.autocast) if b.distill_captions else None)
     target = dict(zip(ids, combined_target(np.array([signal[i] for i in ids]),
                                            None if agreement is None else np.array([agreement[i] for i in ids]))))
     fitted = [(batch, torch.tensor([target[str(i)] for i in batch_ids], dtype=torch.float32,
