@@ -40,13 +40,15 @@ ARMS = {"full": ("all", 1.0), "random_50": ("random", 0.5), "shift_gsample_50": 
 
 
 def subset_table(seed_dir: Path, arm: str, seed: int) -> pd.DataFrame:
-    """The arm's training rows (the seed's own ratings; sampled arms use the seed). The ratings file is
-    in rank order, so the full and random arms take it in id order: their rows, and the order the
-    loader shuffles from, do not depend on the rater."""
+    """The arm's training rows (the seed's own ratings; sampled arms use the seed). Selection works on
+    rank positions and the ratings file is in rank order, so the full and random arms take the rows in
+    id order, as if ranked by id: their rows, and the order the loader shuffles them from, do not
+    depend on the rater (a re-rated seed keeps its random and full runs)."""
     strategy, retention = ARMS[arm]
     ratings = read_ratings(seed_dir / "ratings.parquet")
     if strategy in ("all", "random"):
         ratings = ratings.sort_values("id", kind="stable").reset_index(drop=True)
+        ratings["rank"] = np.arange(len(ratings))
     if strategy == "all":
         return ratings.drop(columns=["score", "rank", "official_score"], errors="ignore")
     return prune_table(ratings, strategy, retention, seed=seed).drop(columns=["official_score"], errors="ignore")

@@ -131,13 +131,17 @@ def test_downstream_arms_at_equal_steps(swept, tmp_path):
     assert table["heldout_std"].to_dict() == pytest.approx(g["heldout_loss"].std(ddof=1).to_dict())
 
     # the random arm does not depend on the ratings' order; a run on other rows is not reused
+    from alchemist.ratings import write_ratings
     from experiments.downstream import run_arm, subset_table
     seed0 = out / "seed0"
     ratings = read_ratings(seed0 / "ratings.parquet")
     shuffled = tmp_path / "shuffled"
     shuffled.mkdir()
-    ratings.sample(frac=1.0, random_state=3).to_parquet(shuffled / "ratings.parquet")
-    assert subset_table(shuffled, "random_50", 0)["id"].tolist() == subset_table(seed0, "random_50", 0)["id"].tolist()
+    other = ratings.drop(columns=["rank"]).assign(score=np.random.default_rng(3).normal(size=len(ratings)))
+    write_ratings(other, shuffled / "ratings.parquet")  # another rater's ranking of the same rows
+    for name in ("random_50", "full"):
+        assert subset_table(shuffled, name, 0)["id"].tolist() == subset_table(seed0, name, 0)["id"].tolist()
+    assert subset_table(shuffled, "topk_50", 0)["id"].tolist() != subset_table(seed0, "topk_50", 0)["id"].tolist()
     arm = seed0 / "downstream/topk_50"
     stale = pd.read_csv(arm / "subset.csv", dtype={"id": str}).iloc[:-1]
     stale.to_csv(arm / "subset.csv", index=False)
