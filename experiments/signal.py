@@ -16,7 +16,6 @@ from itertools import cycle
 from pathlib import Path
 
 import numpy as np
-
 import pandas as pd
 import torch
 

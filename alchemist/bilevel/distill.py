@@ -110,7 +110,7 @@ def caption_agreement(proxy: nn.Module, train: Iterable[tuple[list, TokenBatch]]
             rolled = torch.roll(torch.arange(B, device=own_B.device), r)
             with autocast():
                 wins_B += proxy.per_sample_loss(dataclasses.replace(batch, text=batch.text.index(rolled))).float() > own_B
-        share_B = wins_B / len(shifts) if len(shifts) else torch.full((B,), 0.5)
+        share_B = wins_B / len(shifts) if len(shifts) else torch.full((B,), 0.5, device=own_B.device)
         out.update(zip(map(str, ids), share_B.cpu().tolist()))
     proxy.train(was_training)
     return out
