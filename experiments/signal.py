@@ -26,6 +26,7 @@ from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
 from alchemist.data.tokens import Featurizer
 from alchemist.utils.checkpoint import latest_checkpoint, load_checkpoint
 from alchemist.utils.optim import build_optimizer
+from alchemist.utils.update import apply_update, scaled_backward
 from experiments.planted import auroc
 from experiments.types import DEFECT_KINDS
 
@@ -62,11 +63,11 @@ def final_signal(run: str | Path, n_val: int = 400, eps: float = 1e-2, proxy_ste
             for rows, batch in _batches(train.sample(frac=1.0, random_state=cfg.seed), cfg.data.image_size, featurize,
                                         o.bs)]
     if proxy_steps:
+        scaler = torch.amp.GradScaler("cpu", enabled=False)  # the trainer's update, in fp32
+
         def step(m, opt, loss):
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(m.parameters(), o.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            scaled_backward(loss, m, opt, scaler, o.grad_clip)
+            apply_update(opt, scaler)
         proxy, opt = trained_further(proxy, opt, cycle(b for _, b in held), proxy_steps, o.tlr, make_opt, step,
                                      no_amp, progress=False)
     proxy.eval()
