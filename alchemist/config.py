@@ -171,6 +171,7 @@ class BilevelConfig:
     distill_pairs: int = 10000  # training pairs, drawn at random, that get the signal and are fitted (in memory)
     distill_proxy_steps: int = 0  # plain steps of a copy of the final proxy on those pairs before its signal
     distill_captions: int = 0  # other captions per pair for the caption-agreement term of the target (0: none)
+    distill_snapshots: int = 1  # points of those steps (evenly spaced, both ends) whose signals are averaged
     official_scale: bool = False  # proxy train term (1/B)·Σ softmax·l as in the official code;
     # default: weights rescaled to mean 1 so the train term is a weighted average of the losses
 
@@ -180,8 +181,11 @@ class BilevelConfig:
         _check(self.lookahead_eps > 0, "bilevel.lookahead_eps must be > 0")
         _check(self.center or not self.standardize, "bilevel.standardize needs bilevel.center=true")
         _check(min(self.distill_steps, self.distill_lr, self.distill_proxy_steps, self.distill_captions) >= 0
-               and self.distill_pairs >= 1, "bilevel.distill_steps, distill_lr, distill_proxy_steps and "
-               "distill_captions must be >= 0, distill_pairs >= 1")
+               and self.distill_pairs >= 1 and self.distill_snapshots >= 1, "bilevel.distill_steps, distill_lr, "
+               "distill_proxy_steps and distill_captions must be >= 0, distill_pairs and distill_snapshots >= 1")
+        _check(self.distill_snapshots == 1 or self.distill_proxy_steps >= self.distill_snapshots - 1,
+               "bilevel.distill_snapshots > 1 spaces its points over distill_proxy_steps: need "
+               "distill_proxy_steps >= distill_snapshots - 1")
         _check(not (self.distill_steps and self.fix_proxy), "bilevel.distill_steps reads the proxy optimiser's "
                "state, and bilevel.fix_proxy=true has none")
         _check(self.rater_replay >= 0 and self.replay_size >= 1, "bilevel.rater_replay must be >= 0 and replay_size >= 1")

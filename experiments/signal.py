@@ -6,7 +6,7 @@ per-coordinate step size without its curvature term (the step's gradient is not 
 the distillation stage's signal (``alchemist.bilevel.distill.pair_signal``);
 a pair with a larger c_i helps the validation loss more. Reported per planted kind beside the rater's
 own AUROC: where the two disagree, the rater did not learn what the signal ends up saying.
-``proxy_steps`` and ``captions`` take the signal as the distillation stage's options do (a copy of the
+``proxy_steps``, ``captions`` and ``snapshots`` take the signal as the distillation stage's options do (a copy of the
 proxy trained further; the caption agreement and the combined target), for any run.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from alchemist.bilevel.distill import caption_agreement, combined_target, pair_signal, trained_further
+from alchemist.bilevel.distill import combined_target, mean_rank, snapshot_points, snapshot_signals
 from alchemist.build import build_proxy, build_text_encoder, build_tokenizer
 from alchemist.config import RaterConfig, config_from_dict
 from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
@@ -38,11 +38,11 @@ def _batches(table: pd.DataFrame, image_size: int, featurize: Featurizer, bs: in
 
 
 def final_signal(run: str | Path, n_val: int = 400, eps: float = 1e-2, proxy_steps: int = 0,
-                 captions: int = 0) -> pd.DataFrame:
+                 captions: int = 0, snapshots: int = 1) -> pd.DataFrame:
     """Per defect kind of a demo-layout run folder (data/, rater/, ratings.parquet): AUROC of the
     final-proxy coefficient (``signal``), with ``captions`` of the caption agreement (``captions``) and
     of the combined target (``target``), and of the rater's score (clean > kind); the coefficient's
-    mean; the validation loss of the proxy the signal was taken at."""
+    mean (its mean rank with ``snapshots`` > 1); the validation loss of the loop's final proxy."""
     run = Path(run)
     cfg = config_from_dict(RaterConfig, json.loads((run / "rater/config.json").read_text()))
     o = cfg.optim
@@ -58,28 +58,26 @@ def final_signal(run: str | Path, n_val: int = 400, eps: float = 1e-2, proxy_ste
     make_opt = lambda m: build_optimizer(m, o.opt, o.tlr, o.twd, (o.beta1, o.beta2))  # noqa: E731 (the trainer's)
     opt = make_opt(proxy)
     opt.load_state_dict(ckpt["opt_proxy"])
+    with torch.no_grad():
+        val_loss = float(proxy.eval().per_sample_loss(val).mean())
     train = load_pairs(cfg.data.train_csv_path, cfg.data)
     held = [(rows["id"].astype(str).tolist(), batch)
             for rows, batch in _batches(train.sample(frac=1.0, random_state=cfg.seed), cfg.data.image_size, featurize,
                                         o.bs)]
-    if proxy_steps:
-        scaler = torch.amp.GradScaler("cpu", enabled=False)  # the trainer's update, in fp32
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # the trainer's update, in fp32
 
-        def step(m, opt, loss):
-            scaled_backward(loss, m, opt, scaler, o.grad_clip)
-            apply_update(opt, scaler)
-        proxy, opt = trained_further(proxy, opt, cycle(b for _, b in held), proxy_steps, o.tlr, make_opt, step,
-                                     no_amp, progress=False)
-    proxy.eval()
-    with torch.no_grad():
-        val_loss = float(proxy.per_sample_loss(val).mean())
-    c = pair_signal(proxy, opt, [val], held, eps, no_amp)
-    df = pd.DataFrame({"id": list(c), "c": list(c.values())})
+    def step(m, opt, loss):
+        scaled_backward(loss, m, opt, scaler, o.grad_clip)
+        apply_update(opt, scaler)
+    ids, signals, agreements = snapshot_signals(
+        proxy, opt, held, [val], cycle(b for _, b in held), snapshot_points(proxy_steps, snapshots), captions, eps,
+        o.tlr, make_opt, step, no_amp, progress=False)
+    # one signal: its raw values (their mean is reported); several: their mean rank (distill.mean_rank)
+    df = pd.DataFrame({"id": ids, "c": signals[0] if len(signals) == 1 else mean_rank(signals)})
     columns = {"signal": "c", "rater": "score"}
-    if captions:
-        a = caption_agreement(proxy, held, captions, no_amp)
-        df["a"] = df["id"].map(a)
-        df["t"] = combined_target(df["c"].to_numpy(), df["a"].to_numpy().astype(np.float64))
+    if agreements:
+        df["a"] = np.mean(agreements, axis=0)
+        df["t"] = combined_target(df["c"].to_numpy(), df["a"].to_numpy())
         columns = {"signal": "c", "captions": "a", "target": "t", "rater": "score"}
     kinds = pd.read_csv(run / "data/defects.csv", dtype={"id": str}, keep_default_na=False).set_index("id")["kind"]
     ratings = pd.read_parquet(run / "ratings.parquet")

@@ -150,8 +150,11 @@ def signal_main(argv: list[str]) -> int:
                     "(bilevel.distill_proxy_steps)")
     ap.add_argument("--captions", type=int, default=0, help="also the caption agreement over this many other "
                     "captions, and the combined target (bilevel.distill_captions)")
+    ap.add_argument("--snapshots", type=int, default=1, help="signals averaged over this many points of the "
+                    "further steps (bilevel.distill_snapshots)")
     args = ap.parse_args(argv)
-    print(final_signal(args.run, args.n_val, proxy_steps=args.proxy_steps, captions=args.captions).round(3).to_string())
+    print(final_signal(args.run, args.n_val, proxy_steps=args.proxy_steps, captions=args.captions,
+                       snapshots=args.snapshots).round(3).to_string())
     return 0
 
 

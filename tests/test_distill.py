@@ -10,10 +10,12 @@ from scipy.special import ndtri
 from scipy.stats import spearmanr
 
 from alchemist.batch import TokenBatch
-from alchemist.bilevel.distill import (adam_step_size, caption_agreement, combined_target, pair_signal, rank_target,
-                                      trained_further)
+from alchemist.bilevel.distill import (adam_step_size, caption_agreement, caption_shifts, combined_target,
+                                      distill_settings, mean_rank, needs_distillation, pair_signal, rank_target,
+                                      snapshot_points, trained_further)
 from alchemist.bilevel.launch import train_rater
 from alchemist.build import build_proxy, build_rater, build_text_encoder, build_tokenizer
+from alchemist.config import BilevelConfig, ConfigError, RaterConfig
 from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
 from alchemist.data.tokens import Featurizer
 from alchemist.models.proxy import Proxy
@@ -52,23 +54,48 @@ def test_pair_signal_is_each_pairs_gradient_along_adams_step_of_the_val_gradient
     assert len({round(c, 12) for c in got.values()}) == 5  # five different pairs, five values
 
 
-def test_caption_agreement_is_the_share_of_other_captions_that_predict_the_image_worse():
-    """Brute force: each pair's image scored alone with each of the ``others`` captions it is compared
-    with (the ones 1..K rows before it in its batch, cyclically), float64; a batch of one gives 0.5."""
+@pytest.mark.parametrize("shifts", [[1, 2, 3], [2, 4]])
+def test_caption_agreement_is_the_share_of_other_captions_that_predict_the_image_worse(shifts):
+    """Brute force: each pair's image scored alone with each caption it is compared with (the ones
+    ``shifts`` rows before it in its batch, cyclically, shifts of at least the batch size left out),
+    float64; a pair with none left gives 0.5."""
     torch.manual_seed(0)
     proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
     batches = [(list("abcde"), _tiny_batch(5, seed=4)), (["f", "g"], _tiny_batch(2, seed=5)), (["h"], _tiny_batch(1, seed=6))]
-    got = caption_agreement(proxy, batches, 3, NO_AMP)
+    got = caption_agreement(proxy, batches, shifts, NO_AMP)
     with torch.no_grad():
         for ids, batch in batches:
             B = batch.B
             for i, pid in enumerate(ids):
                 alone = lambda j: proxy.per_sample_loss(dataclasses.replace(  # noqa: E731
                     batch.index([i]), text=batch.text.index([j]))).item()
-                others = [(i - r) % B for r in range(1, min(3, B - 1) + 1)]
+                others = [(i - r) % B for r in shifts if r < B]
                 want = np.mean([alone(j) > alone(i) for j in others]) if others else 0.5
                 assert got[pid] == pytest.approx(want, abs=1e-6)
     assert len(set(got.values())) > 1  # the random proxy does read the captions
+
+
+def test_snapshots_share_out_the_captions_and_vote_equally():
+    assert snapshot_points(300, 1) == [300] and snapshot_points(0, 1) == [0]
+    assert snapshot_points(300, 4) == [0, 100, 200, 300] and snapshot_points(7, 3) == [0, 4, 7]
+    dealt = [caption_shifts(16, 4, j) for j in range(4)]
+    assert dealt[0] == [1, 5, 9, 13] and sorted(sum(dealt, [])) == list(range(1, 17))  # each caption once
+    assert caption_shifts(16, 1, 0) == list(range(1, 17)) and caption_shifts(2, 4, 3) == []
+    a, b = np.array([1.0, 2.0, 3.0, 4.0]), np.array([4e6, 3e6, 2e6, 1e6])  # opposite orders, scales 10^6 apart
+    assert np.allclose(mean_rank([a, b]), 0.0)  # equal votes: a tie everywhere
+    assert np.allclose(mean_rank([a, 10 * a]), rank_target(a))
+    assert np.allclose(mean_rank([a]), rank_target(a))
+
+
+def test_a_checkpoint_distilled_before_a_setting_existed_counts_as_its_default():
+    cfg = RaterConfig(bilevel=BilevelConfig(estimator="lookahead", distill_steps=5))
+    done = {k: v for k, v in distill_settings(cfg).items() if k != "distill_snapshots"}
+    assert not needs_distillation(cfg, done)
+    more = RaterConfig(bilevel=BilevelConfig(estimator="lookahead", distill_steps=5, distill_proxy_steps=2,
+                                             distill_snapshots=3))
+    assert needs_distillation(more, done) and not needs_distillation(more, distill_settings(more))
+    with pytest.raises(ConfigError, match="distill_proxy_steps >= distill_snapshots - 1"):
+        BilevelConfig(distill_proxy_steps=1, distill_snapshots=3)
 
 
 def test_trained_further_continues_adam_on_a_copy_at_the_given_lr():
@@ -169,8 +196,9 @@ def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(ti
     online = ck["rater_online"]
     assert not all(torch.equal(online[k], before[k]) for k in before)
     redo = train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=10, distill_lr=3e-3,
-                            distill_proxy_steps=4, distill_captions=3))
+                            distill_proxy_steps=4, distill_captions=3, distill_snapshots=2))
     assert redo["distill_steps_taken"] == 10 and redo["distill_proxy_steps"] == 4 and redo["distill_captions"] == 3
+    assert redo["distill_snapshots"] == 2
     redone = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
     assert all(torch.equal(ck["proxy"][k], redone["proxy"][k]) for k in ck["proxy"])  # trained further on a copy
     assert not all(torch.equal(redone["rater"][k], before[k]) for k in before)

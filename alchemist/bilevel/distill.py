@@ -23,13 +23,16 @@ Two options make the target steadier and let it see wrong captions (docs/bilevel
   caption touches only the text pathway's share of the gradient; a_i is ~1 for a caption the image
   confirms and ~0.5 for one it does not. The target is then the rank transform of
   min(z(c), z(a)), z the normal quantile of the rank: a pair is as good as the worse of its two tests.
+- ``distill_snapshots``: the signal is taken at that many points of the further steps (the loop's
+  proxy first, the last one at the end) and the points' rank transforms averaged; the captions are
+  dealt out over them. One proxy's signal jumps between nearby checkpoints; their average does not.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -92,25 +95,31 @@ def pair_signal(proxy: nn.Module, opt: torch.optim.Optimizer, val: Iterable[Toke
     return out
 
 
+def caption_shifts(others: int, snapshots: int, j: int) -> list[int]:
+    """The roll offsets 1..``others`` dealt round-robin over ``snapshots`` points: point ``j``'s share, so
+    that the points together ask every one of the ``others`` captions once."""
+    return list(range(1 + j, others + 1, snapshots))
+
+
 @torch.no_grad()
-def caption_agreement(proxy: nn.Module, train: Iterable[tuple[list, TokenBatch]], others: int,
+def caption_agreement(proxy: nn.Module, train: Iterable[tuple[list, TokenBatch]], shifts: Sequence[int],
                       autocast: Callable[[], object]) -> dict[str, float]:
-    """id -> the share of up to ``others`` other captions of its own batch (the captions 1..others rows
-    on, cyclically) under which the proxy's loss on the pair's image is higher than under its own
-    caption; 0.5 for a pair alone in its batch. The proxy is left as it was."""
+    """id -> the share of the other captions of its own batch, those ``shifts`` rows on (cyclically; a
+    shift of at least the batch size is skipped), under which the proxy's loss on the pair's image is
+    higher than under its own caption; 0.5 when none is left. The proxy is left as it was."""
     was_training = proxy.training
     proxy.eval()
     out: dict[str, float] = {}
     for ids, batch in train:
-        B, shifts = batch.B, range(1, min(others, batch.B - 1) + 1)
+        B, used = batch.B, [r for r in shifts if 0 < r < batch.B]
         with autocast():
             own_B = proxy.per_sample_loss(batch).float()
         wins_B = torch.zeros(B, device=own_B.device)
-        for r in shifts:
+        for r in used:
             rolled = torch.roll(torch.arange(B, device=own_B.device), r)
             with autocast():
                 wins_B += proxy.per_sample_loss(dataclasses.replace(batch, text=batch.text.index(rolled))).float() > own_B
-        share_B = wins_B / len(shifts) if len(shifts) else torch.full((B,), 0.5, device=own_B.device)
+        share_B = wins_B / len(used) if used else torch.full((B,), 0.5, device=own_B.device)
         out.update(zip(map(str, ids), share_B.cpu().tolist()))
     proxy.train(was_training)
     return out
@@ -136,9 +145,48 @@ def trained_further(proxy: nn.Module, opt: torch.optim.Optimizer, batches: Itera
     return twin, twin_opt
 
 
+def snapshot_signals(proxy: nn.Module, opt: torch.optim.Optimizer, held: list[tuple[list, TokenBatch]],
+                     val: list[TokenBatch], further: Iterator[TokenBatch], points: Sequence[int], captions: int,
+                     eps: float, lr: float, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                     step: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], object],
+                     autocast: Callable[[], object], progress: bool = True
+                     ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """The held pairs' ids, their ``pair_signal`` at each of ``points`` (plain steps of a copy of
+    ``proxy`` on ``further``, see ``trained_further``) and their caption agreement at each point that
+    was dealt captions (``caption_shifts``), in the ids' order. The originals are untouched."""
+    signals, agreements, done = [], [], 0
+    for j, point in enumerate(points):
+        if point > done:
+            proxy, opt = trained_further(proxy, opt, further, point - done, lr, make_optimizer, step, autocast,
+                                         progress)
+            done = point
+        desc = lambda what: f"distill {what} {j + 1}/{len(points)}"  # noqa: E731
+        signal = pair_signal(proxy, opt, val, tqdm(held, desc=desc("signal"), disable=not progress,
+                                                   dynamic_ncols=True), eps, autocast)
+        ids = list(signal)
+        signals.append(np.array([signal[i] for i in ids]))
+        if shifts := caption_shifts(captions, len(points), j):
+            a = caption_agreement(proxy, tqdm(held, desc=desc("captions"), disable=not progress, dynamic_ncols=True),
+                                  shifts, autocast)
+            agreements.append(np.array([a[i] for i in ids]))
+    return ids, signals, agreements
+
+
 def combined_target(c: np.ndarray, a: np.ndarray | None) -> np.ndarray:
     """``rank_target(c)``, or with caption agreement ``a`` the rank target of min(z(c), z(a))."""
     return rank_target(c) if a is None else rank_target(np.minimum(rank_target(c), rank_target(a)))
+
+
+def snapshot_points(steps: int, snapshots: int) -> list[int]:
+    """After how many further proxy steps the signal is taken: the end alone, or ``snapshots`` points
+    evenly spaced from the loop's own proxy (0) to ``steps``."""
+    return [steps] if snapshots == 1 else np.linspace(0, steps, snapshots).round().astype(int).tolist()
+
+
+def mean_rank(signals: Sequence[np.ndarray]) -> np.ndarray:
+    """The mean over snapshots of each one's ``rank_target``: every snapshot votes with equal weight,
+    whatever the scale of its coefficients."""
+    return np.mean([rank_target(c) for c in signals], axis=0)
 
 
 def rank_target(c: np.ndarray) -> np.ndarray:
@@ -179,14 +227,15 @@ def distill_settings(cfg: RaterConfig) -> dict[str, float]:
     """What the stage's result depends on beyond the checkpoint: a rerun with other values redoes it."""
     b = cfg.bilevel
     return {"distill_steps": b.distill_steps, "distill_lr": b.distill_lr, "distill_pairs": b.distill_pairs,
-            "distill_proxy_steps": b.distill_proxy_steps, "distill_captions": b.distill_captions}
+            "distill_proxy_steps": b.distill_proxy_steps, "distill_captions": b.distill_captions,
+            "distill_snapshots": b.distill_snapshots}
 
 
 def needs_distillation(cfg: RaterConfig, distilled: dict | None) -> bool:
     """The stage is asked for and was not done with these settings."""
-    settings = distill_settings(cfg)
-    return bool(cfg.bilevel.distill_steps) and (distilled is None or
-                                                 any(distilled.get(k) != v for k, v in settings.items()))
+    settings, default = distill_settings(cfg), distill_settings(RaterConfig())
+    return bool(cfg.bilevel.distill_steps) and (distilled is None or  # a setting newer than the run: its default
+                                                 any(distilled.get(k, default[k]) != v for k, v in settings.items()))
 
 
 def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, val_table: pd.DataFrame,
@@ -214,25 +263,18 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
             if batch is not None and batch.B:
                 yield raw["ids"], batch
 
-    val = (b for _, b in featurized(stream(val_table, "val", False, cfg.seed).epoch_batches()))
+    val_batches = [b for _, b in featurized(stream(val_table, "val", False, cfg.seed).epoch_batches())]
     held = list(_first_pairs(featurized(stream(train_table, "train", True, cfg.seed + 2).epoch_batches()),
                              cfg.bilevel.distill_pairs))
     o, b = cfg.optim, cfg.bilevel
-    proxy, opt_proxy = trainer.proxy, trainer.opt_proxy
-    if b.distill_proxy_steps:
-        scaler = trainer.new_scaler()
-        proxy, opt_proxy = trained_further(
-            proxy, opt_proxy, (batch for _, batch in _shuffled_cycle(held, cfg.seed + 3)), b.distill_proxy_steps,
-            o.tlr, lambda m: build_optimizer(m, o.opt, o.tlr, o.twd, (o.beta1, o.beta2)),
-            lambda m, opt, loss: trainer.optimizer_step(m, opt, loss, scaler), trainer.autocast, progress)
-    signal = pair_signal(proxy, opt_proxy, val,
-                         tqdm(held, desc="distill signal", disable=not progress, dynamic_ncols=True),
-                         b.lookahead_eps, trainer.autocast)
-    ids = list(signal)
-    agreement = (caption_agreement(proxy, tqdm(held, desc="distill captions", disable=not progress, dynamic_ncols=True),
-                                   b.distill_captions, trainer.autocast) if b.distill_captions else None)
-    target = dict(zip(ids, combined_target(np.array([signal[i] for i in ids]),
-                                           None if agreement is None else np.array([agreement[i] for i in ids]))))
+    scaler = trainer.new_scaler()
+    ids, signals, agreements = snapshot_signals(
+        trainer.proxy, trainer.opt_proxy, held, val_batches,
+        (batch for _, batch in _shuffled_cycle(held, cfg.seed + 3)),
+        snapshot_points(b.distill_proxy_steps, b.distill_snapshots), b.distill_captions, b.lookahead_eps, o.tlr,
+        lambda m: build_optimizer(m, o.opt, o.tlr, o.twd, (o.beta1, o.beta2)),
+        lambda m, opt, loss: trainer.optimizer_step(m, opt, loss, scaler), trainer.autocast, progress)
+    target = dict(zip(ids, combined_target(mean_rank(signals), np.mean(agreements, axis=0) if agreements else None)))
     fitted = [(batch, torch.tensor([target[str(i)] for i in batch_ids], dtype=torch.float32,
                                    device=batch.idx_BL.device)) for batch_ids, batch in held]
     opt = build_optimizer(trainer.rater, o.opt, b.distill_lr or o.rater_lr, o.rater_wd, (o.beta1, o.beta2))
