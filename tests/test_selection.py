@@ -9,8 +9,8 @@ import pytest
 from scipy import stats
 
 from alchemist.ratings import rank_scores, read_ratings, read_table, write_ratings
-from alchemist.selection import (STRATEGIES, default_shift, inclusion_probability, junk_tail, prune_table, resolve_params,
-                                 rank_histogram, select)
+from alchemist.selection import (STRATEGIES, _low_mode_share, default_shift, inclusion_probability, junk_tail,
+                                 prune_table, rank_histogram, resolve_params, select)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ("shift_gsample", "gsample", "random")
@@ -79,7 +79,7 @@ def test_shift_gsample_never_picks_the_head_or_the_tail():
 
 
 def test_default_parameters_follow_the_written_rule():
-    """tail = the low mode of clearly bimodal scores (else 0.15); shift = the paper's, shrunk to fit;
+    """tail = every low mode of clearly multimodal scores (else 0.15); shift = the paper's, shrunk to fit;
     the Gaussian centred on the support with ±2σ spanning it."""
     rng = np.random.default_rng(0)
     unimodal = rng.normal(size=10_000)
@@ -93,6 +93,15 @@ def test_default_parameters_follow_the_written_rule():
     assert p["mu"] == pytest.approx((p["shift"] + 1 - p["tail"]) / 2) and p["sigma"] == pytest.approx(0.125, abs=0.001)
     kept = select(junk, "shift_gsample", 0.5, seed=0)
     assert (kept >= 7000).sum() <= 0.01 * 3000  # the planted low mode is not sampled
+    # two junk groups, the upper one close to the rest: the test is repeated above each cut, so both go
+    # (here one fit takes both at once; in the next case, the lower group alone)
+    two = np.r_[rng.normal(size=6000), rng.normal(-5, 0.5, 2000), rng.normal(-10, 0.5, 2000)]
+    assert junk_tail(two) == pytest.approx(0.4, abs=0.01)  # a fit may take the low end of the next group
+    kept = select(two, "shift_gsample", 0.5, seed=0)
+    assert (kept >= 6000).sum() <= 0.01 * 4000
+    far = np.r_[rng.normal(size=6000), rng.normal(-4, 0.3, 1500), rng.normal(-40, 0.3, 2500)]
+    assert _low_mode_share(np.sort(far)) == pytest.approx(0.25, abs=0.001)  # one split: the lowest group only
+    assert junk_tail(far) == pytest.approx(0.4, abs=0.01)
     # a low mode larger than 1 - retention is cut only as far as K still fits, and the shift goes first
     p = resolve_params("shift_gsample", 1000, 0.8, np.r_[np.zeros(700) + rng.normal(size=700), np.full(300, -9.0)])
     assert p["tail"] == pytest.approx(0.2) and p["shift"] == 0.0
