@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py --threads 2
 
 test: $(STAMP)
 	$(PY) -m pytest tests
