@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 from alchemist.batch import TokenBatch
 from alchemist.bilevel.distill import (adam_step_size, caption_agreement, caption_shifts, combined_target,
                                       distill_settings, mean_rank, needs_distillation, pair_signal, rank_target,
-                                      snapshot_points, trained_further)
+                                      snapshot_points, snapshot_signals, trained_further)
 from alchemist.bilevel.launch import train_rater
 from alchemist.build import build_proxy, build_rater, build_text_encoder, build_tokenizer
 from alchemist.config import BilevelConfig, ConfigError, RaterConfig
@@ -133,6 +133,37 @@ def test_trained_further_continues_adam_on_a_copy_at_the_given_lr():
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(twin.parameters(), want.parameters()))
     assert all(float(twin_opt.state[p]["step"]) == 5 for p in twin.parameters())
     assert not all(torch.allclose(a, b) for a, b in zip(twin.parameters(), proxy.parameters()))
+
+
+def test_snapshot_signals_are_the_signals_of_the_proxy_trained_that_far():
+    """Each point's signal equals ``pair_signal`` at a fresh copy trained that many steps on the same
+    batch sequence (the one copy trained on from point to point changes nothing); the original proxy
+    and its optimiser are untouched; captions are asked only where they were dealt."""
+    torch.manual_seed(0)
+    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
+    make = lambda m: build_optimizer(m, "adamw", 1e-4, 0.05)  # noqa: E731
+    opt = make(proxy)
+    proxy.per_sample_loss(_tiny_batch(4, seed=10)).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    before, state_before = copy.deepcopy(proxy.state_dict()), str(opt.state_dict()["state"])
+    batches = [_tiny_batch(3, seed=20 + s) for s in range(3)]
+    held, val = [(list("abcd"), _tiny_batch(4, seed=30))], [_tiny_batch(4, seed=31)]
+
+    def step(m, o, loss):
+        loss.backward()
+        o.step()
+        o.zero_grad()
+
+    ids, signals, agreements = snapshot_signals(proxy, opt, held, val, iter(batches), [0, 2, 3], 2, 1e-4, 3e-3,
+                                                make, step, NO_AMP, progress=False)
+    assert ids == list("abcd") and len(signals) == 3 and len(agreements) == 2  # 2 captions over 3 points
+    assert all(torch.equal(before[k], v) for k, v in proxy.state_dict().items())
+    assert str(opt.state_dict()["state"]) == state_before
+    for point, got in zip([0, 2, 3], signals):
+        m, o = trained_further(proxy, opt, iter(batches), point, 3e-3, make, step, NO_AMP, progress=False)
+        want = pair_signal(m, o, val, held, 1e-4, NO_AMP)
+        assert np.allclose(got, [want[i] for i in ids], rtol=1e-9, atol=0)
 
 
 def test_combined_target_rates_a_pair_by_the_worse_of_its_two_tests():

@@ -125,23 +125,38 @@ def caption_agreement(proxy: nn.Module, train: Iterable[tuple[list, TokenBatch]]
     return out
 
 
-def trained_further(proxy: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[TokenBatch], steps: int,
-                    lr: float, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-                    step: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], object],
-                    autocast: Callable[[], object], progress: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """A copy of ``proxy`` and of its optimiser's state after ``steps`` plain (unweighted) steps at
-    ``lr`` on ``batches``; ``step(model, opt, loss)`` applies one update. The originals are untouched."""
+def twin_of(proxy: nn.Module, opt: torch.optim.Optimizer, lr: float,
+            make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A copy of ``proxy`` in train mode and an optimiser for it that carries on ``opt``'s state at ``lr``."""
     twin = copy.deepcopy(proxy).train()
     twin_opt = make_optimizer(twin)
     # its moments carry on (copied: loading shares the tensors, and Adam updates them in place)
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     for group in twin_opt.param_groups:
         group["lr"] = lr
+    return twin, twin_opt
+
+
+def plain_steps(model: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[TokenBatch], steps: int,
+                step: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], object],
+                autocast: Callable[[], object], progress: bool = True) -> None:
+    """``steps`` plain (unweighted) updates of ``model`` in place on ``batches``; ``step(model, opt, loss)``
+    applies one."""
     it = iter(batches)
     for _ in tqdm(range(steps), desc="distill proxy", disable=not progress, dynamic_ncols=True):
         with autocast():
-            loss = twin.per_sample_loss(next(it)).float().mean()
-        step(twin, twin_opt, loss)
+            loss = model.per_sample_loss(next(it)).float().mean()
+        step(model, opt, loss)
+
+
+def trained_further(proxy: nn.Module, opt: torch.optim.Optimizer, batches: Iterable[TokenBatch], steps: int,
+                    lr: float, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                    step: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], object],
+                    autocast: Callable[[], object], progress: bool = True) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """A copy of ``proxy`` and of its optimiser's state after ``steps`` plain (unweighted) steps at
+    ``lr`` on ``batches``; ``step(model, opt, loss)`` applies one update. The originals are untouched."""
+    twin, twin_opt = twin_of(proxy, opt, lr, make_optimizer)
+    plain_steps(twin, twin_opt, batches, steps, step, autocast, progress)
     return twin, twin_opt
 
 
@@ -151,14 +166,15 @@ def snapshot_signals(proxy: nn.Module, opt: torch.optim.Optimizer, held: list[tu
                      step: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], object],
                      autocast: Callable[[], object], progress: bool = True
                      ) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
-    """The held pairs' ids, their ``pair_signal`` at each of ``points`` (plain steps of a copy of
+    """The held pairs' ids, their ``pair_signal`` at each of ``points`` (plain steps of one copy of
     ``proxy`` on ``further``, see ``trained_further``) and their caption agreement at each point that
     was dealt captions (``caption_shifts``), in the ids' order. The originals are untouched."""
     signals, agreements, done = [], [], 0
     for j, point in enumerate(points):
         if point > done:
-            proxy, opt = trained_further(proxy, opt, further, point - done, lr, make_optimizer, step, autocast,
-                                         progress)
+            if not done:  # one copy, trained on from point to point
+                proxy, opt = twin_of(proxy, opt, lr, make_optimizer)
+            plain_steps(proxy, opt, further, point - done, step, autocast, progress)
             done = point
         desc = lambda what: f"distill {what} {j + 1}/{len(points)}"  # noqa: E731
         signal = pair_signal(proxy, opt, val, tqdm(held, desc=desc("signal"), disable=not progress,
