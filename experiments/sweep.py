@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from alchemist.bilevel.distill import TARGET_FILE
 from alchemist.ratings import read_ratings
 from alchemist.selection import select
 from alchemist.utils.io import atomic_open
@@ -47,14 +48,21 @@ def run_seed(bench: str, seed: int, out: Path, args: Sequence[str] = ()) -> floa
 
 
 def seed_report(d: Path) -> pd.DataFrame:
-    """Per defect kind of one seed's run: AUROC of clean against it, and the share of it the subset kept."""
+    """Per defect kind of one seed's run: AUROC of clean against it, and the share of it the subset kept;
+    with a distilled rater also the AUROC of the target it was fitted to (NaN without one)."""
     ratings = read_ratings(d / "ratings.parquet")
     subset = read_ratings(d / "subset_ratings.parquet")
     defects = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False)
-    rep = kind_report(ratings, defects[defects["split"] == "train"], selected_ids=subset["id"])
+    train = defects[defects["split"] == "train"]
+    rep = kind_report(ratings, train, selected_ids=subset["id"])
     kinds = [k for k in DEFECT_KINDS if k in rep["auroc"].index]
+    target = np.full(len(kinds), np.nan)
+    if (path := d / "rater" / TARGET_FILE).is_file():
+        taught = pd.read_parquet(path).rename(columns={"target": "score"})
+        target = kind_report(taught[["id", "score"]], train)["auroc"].reindex(kinds).to_numpy()
     return pd.DataFrame({"kind": kinds, "auroc": rep["auroc"].reindex(kinds).to_numpy(),
-                         "kept": rep["kept"].reindex(kinds).to_numpy()}).assign(kept_clean=float(rep["kept"]["clean"]))
+                         "kept": rep["kept"].reindex(kinds).to_numpy(), "target_auroc": target}
+                        ).assign(kept_clean=float(rep["kept"]["clean"]))
 
 
 # what each strategy keeps from the same ratings at 50 % (the first is the pipeline's own subset)
@@ -82,7 +90,8 @@ def summarize(per_seed: pd.DataFrame) -> pd.DataFrame:
     """Mean and sample std over seeds, per kind."""
     g = per_seed.groupby("kind", sort=False)
     return pd.DataFrame({"auroc_mean": g["auroc"].mean(), "auroc_std": g["auroc"].std(ddof=1),
-                         "kept_mean": g["kept"].mean(), "kept_std": g["kept"].std(ddof=1), "seeds": g.size()})
+                         "kept_mean": g["kept"].mean(), "kept_std": g["kept"].std(ddof=1), "seeds": g.size(),
+                         "target_auroc_mean": g["target_auroc"].mean(), "target_auroc_std": g["target_auroc"].std(ddof=1)})
 
 
 def format_keeps(keeps: pd.DataFrame) -> str:
@@ -97,12 +106,15 @@ def format_summary(bench: str, table: pd.DataFrame, per_seed: pd.DataFrame) -> s
     seeds = sorted(per_seed["seed"].unique())
     lines = [f"{bench}: {len(seeds)} seeds ({', '.join(map(str, seeds))}); AUROC clean > kind and the share of "
              "the kind the Shift-Gsample 50 % subset kept, mean ± std over seeds", "",
-             "| kind | AUROC | kept by Shift-Gsample 50 % | AUROC per seed |", "|---|---|---|---|"]
+             "| kind | AUROC | kept by Shift-Gsample 50 % | AUROC per seed | AUROC of the distillation target |",
+             "|---|---|---|---|---|"]
     for kind, r in table.iterrows():
         each = ", ".join(f"{a:.3f}" for a in per_seed[per_seed["kind"] == kind].sort_values("seed")["auroc"])
-        lines.append(f"| {kind} | {r.auroc_mean:.3f} ± {r.auroc_std:.3f} | {r.kept_mean:.1%} ± {r.kept_std:.1%} | {each} |")
+        taught = "" if np.isnan(r.target_auroc_mean) else f"{r.target_auroc_mean:.3f} ± {r.target_auroc_std:.3f}"
+        lines.append(f"| {kind} | {r.auroc_mean:.3f} ± {r.auroc_std:.3f} | {r.kept_mean:.1%} ± {r.kept_std:.1%} | {each} "
+                     f"| {taught} |")
     clean = per_seed.drop_duplicates("seed")["kept_clean"]
-    lines.append(f"| (clean) | | {clean.mean():.1%} ± {clean.std(ddof=1):.1%} | |")
+    lines.append(f"| (clean) | | {clean.mean():.1%} ± {clean.std(ddof=1):.1%} | | |")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.special import ndtri
@@ -13,6 +14,7 @@ from alchemist.batch import TokenBatch
 from alchemist.bilevel.distill import (adam_step_size, caption_agreement, caption_shifts, combined_target,
                                       distill_settings, mean_rank, needs_distillation, pair_signal, rank_target,
                                       snapshot_points, snapshot_signals, trained_further)
+from alchemist.bilevel import distill
 from alchemist.bilevel.launch import train_rater
 from alchemist.build import build_proxy, build_rater, build_text_encoder, build_tokenizer
 from alchemist.config import BilevelConfig, ConfigError, RaterConfig
@@ -187,7 +189,7 @@ def test_rank_target_is_the_normal_quantile_of_the_rank_with_ties_shared():
     assert np.allclose(rank_target(c * 1e6 + 7), t)
 
 
-def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(tiny_setup):  # noqa: F811
+def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(tiny_setup, monkeypatch):  # noqa: F811
     """After the loop the rater's logits follow the final proxy's signal (recomputed here from the
     checkpoint's proxy and AdamW state); the checkpoint says so, and a rerun changes nothing."""
     cfg = _cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=80, distill_lr=3e-3)
@@ -216,6 +218,11 @@ def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(ti
     with torch.no_grad():
         logit = rater(train).logit_B.numpy()
     assert spearmanr(logit, [signal[i] for i in ids]).statistic > 0.7
+    saved = pd.read_parquet(cfg.output.run_dir / distill.TARGET_FILE).set_index("id").loc[ids]
+    # one snapshot, no captions: the rank transform of that signal (batching moves near-ties)
+    assert spearmanr(saved["signal"], [signal[i] for i in ids]).statistic > 0.99
+    assert np.allclose(saved["signal"], rank_target(saved["signal"].to_numpy()))
+    assert saved["agreement"].isna().all() and np.allclose(saved["target"], saved["signal"])
 
     before = {k: v.clone() for k, v in ck["rater"].items()}
     train_rater(cfg)  # resumes at the end: the loop and the stage are done
@@ -233,6 +240,19 @@ def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(ti
     redone = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
     assert all(torch.equal(ck["proxy"][k], redone["proxy"][k]) for k in ck["proxy"])  # trained further on a copy
     assert not all(torch.equal(redone["rater"][k], before[k]) for k in before)
+    target = pd.read_parquet(cfg.output.run_dir / distill.TARGET_FILE)
+    assert np.allclose(target["target"], combined_target(target["signal"].to_numpy(), target["agreement"].to_numpy()))
+
+    def no_signal(*args, **kwargs):
+        raise AssertionError("the signal was computed again")
+    monkeypatch.setattr(distill, "snapshot_signals", no_signal)  # other fit settings: the saved target is reused
+    refit = train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=12, distill_lr=1e-3,
+                             distill_proxy_steps=4, distill_captions=3, distill_snapshots=2))
+    assert refit["distill_steps_taken"] == 12
+    with pytest.raises(AssertionError, match="computed again"):  # other signal settings: it is not
+        train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=12, distill_lr=1e-3,
+                         distill_proxy_steps=4, distill_captions=2, distill_snapshots=2))
+    monkeypatch.undo()
     train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=0))
     undone = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
     assert undone["distilled"] is None and all(torch.equal(online[k], undone["rater"][k]) for k in online)

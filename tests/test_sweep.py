@@ -90,15 +90,20 @@ def test_sweep_report_matches_a_recomputation_from_each_seeds_ratings(swept):
         truth = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False).set_index("id")["kind"]
         r = r.assign(kind=r["id"].astype(str).map(truth))
         clean = r.loc[r["kind"] == "clean", "score"]
+        taught = pd.read_parquet(d / "rater/distill_target.parquet")  # what the distilled rater was fitted to
+        taught = taught.assign(kind=taught["id"].map(truth))
         for kind in ("plain", "noise", "misaligned", "duplicate", "blurred"):
             part = r[r["kind"] == kind]
             rows.append({"seed": seed, "kind": kind, "auroc": auroc(clean, part["score"]),
-                         "kept": part["id"].astype(str).isin(kept).mean()})
+                         "kept": part["id"].astype(str).isin(kept).mean(),
+                         "target": auroc(taught.loc[taught["kind"] == "clean", "target"],
+                                         taught.loc[taught["kind"] == kind, "target"])})
     mine = pd.DataFrame(rows).groupby("kind")
     for kind, r in table.iterrows():
         assert r["auroc_mean"] == pytest.approx(mine["auroc"].mean()[kind])
         assert r["auroc_std"] == pytest.approx(mine["auroc"].std(ddof=1)[kind])
         assert r["kept_mean"] == pytest.approx(mine["kept"].mean()[kind])
+        assert r["target_auroc_mean"] == pytest.approx(mine["target"].mean()[kind])
     record = json.loads((tmp_path / "sweep.json").read_text())
     assert record["seeds"] == [0, 1] and len(record["per_seed"]) == 10
     keeps = pd.DataFrame(record["strategy_keeps"])

@@ -31,11 +31,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from scipy.special import ndtri
 from torch import nn
@@ -45,6 +49,7 @@ from alchemist.batch import TokenBatch
 from alchemist.bilevel.estimators import alignment
 from alchemist.config import RaterConfig
 from alchemist.runtime import Runtime, make_stream
+from alchemist.utils.io import atomic_open
 from alchemist.utils.optim import build_optimizer
 
 
@@ -239,6 +244,33 @@ def fit_rater(rater: nn.Module, step: Callable[[torch.Tensor], object],
     return losses
 
 
+TARGET_FILE = "distill_target.parquet"
+
+
+def target_key(cfg: RaterConfig, loop_step: int) -> dict[str, float]:
+    """What the target depends on: the loop's proxy (its step) and the signal's settings (not the fit's)."""
+    b = cfg.bilevel
+    return {"loop_step": loop_step, "seed": cfg.seed, "distill_pairs": b.distill_pairs,
+            "distill_proxy_steps": b.distill_proxy_steps, "distill_captions": b.distill_captions,
+            "distill_snapshots": b.distill_snapshots, "lookahead_eps": b.lookahead_eps}
+
+
+def write_target(path: Path, table: pd.DataFrame, key: dict[str, float]) -> None:
+    """The per-pair target (id, signal, agreement, target) with its ``target_key`` in the file's metadata."""
+    arrow = pa.Table.from_pandas(table, preserve_index=False)
+    arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), b"alchemist": json.dumps(key).encode()})
+    with atomic_open(path, "wb") as f:
+        pq.write_table(arrow, f)
+
+
+def read_target(path: Path, key: dict[str, float]) -> pd.DataFrame | None:
+    """The saved target when it was computed with ``key``, else None."""
+    if not path.is_file():
+        return None
+    saved = (pq.read_schema(path).metadata or {}).get(b"alchemist")
+    return pd.read_parquet(path) if saved is not None and json.loads(saved) == key else None
+
+
 def distill_settings(cfg: RaterConfig) -> dict[str, float]:
     """What the stage's result depends on beyond the checkpoint: a rerun with other values redoes it."""
     b = cfg.bilevel
@@ -262,7 +294,9 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
     rater the loop ended with (kept in the checkpoint as ``rater_online``); a checkpoint marked
     ``distilled`` with the settings (a rerun with the same ones skips the stage). ``trainer``: the
     ``BilevelTrainer`` after its loop. Every process computes the same signal and takes the same
-    steps on the same batches, so the replicas stay equal without communication."""
+    steps on the same batches, so the replicas stay equal without communication. The per-pair target
+    is kept in the run folder (``TARGET_FILE``): to compare the rater with what it was taught, and so
+    that a redo with other fit settings (``distill_steps``, ``distill_lr``) skips the signal."""
     t0 = time.perf_counter()
     if trainer.rater_online is None:
         trainer.rater_online = {k: v.detach().clone() for k, v in trainer.rater.state_dict().items()}
@@ -283,14 +317,23 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
     held = list(_first_pairs(featurized(stream(train_table, "train", True, cfg.seed + 2).epoch_batches()),
                              cfg.bilevel.distill_pairs))
     o, b = cfg.optim, cfg.bilevel
-    scaler = trainer.new_scaler()
-    ids, signals, agreements = snapshot_signals(
-        trainer.proxy, trainer.opt_proxy, held, val_batches,
-        (batch for _, batch in _shuffled_cycle(held, cfg.seed + 3)),
-        snapshot_points(b.distill_proxy_steps, b.distill_snapshots), b.distill_captions, b.lookahead_eps, o.tlr,
-        lambda m: build_optimizer(m, o.opt, o.tlr, o.twd, (o.beta1, o.beta2)),
-        lambda m, opt, loss: trainer.optimizer_step(m, opt, loss, scaler), trainer.autocast, progress)
-    target = dict(zip(ids, combined_target(mean_rank(signals), np.mean(agreements, axis=0) if agreements else None)))
+    path, key = cfg.output.run_dir / TARGET_FILE, target_key(cfg, trainer.step_idx)
+    table = read_target(path, key)  # a redo with other fit settings only: the signal is as it was
+    if table is None:
+        scaler = trainer.new_scaler()
+        ids, signals, agreements = snapshot_signals(
+            trainer.proxy, trainer.opt_proxy, held, val_batches,
+            (batch for _, batch in _shuffled_cycle(held, cfg.seed + 3)),
+            snapshot_points(b.distill_proxy_steps, b.distill_snapshots), b.distill_captions, b.lookahead_eps, o.tlr,
+            lambda m: build_optimizer(m, o.opt, o.tlr, o.twd, (o.beta1, o.beta2)),
+            lambda m, opt, loss: trainer.optimizer_step(m, opt, loss, scaler), trainer.autocast, progress)
+        signal, agreement = mean_rank(signals), np.mean(agreements, axis=0) if agreements else None
+        table = pd.DataFrame({"id": ids, "signal": signal, "agreement": np.nan if agreement is None else agreement,
+                              "target": combined_target(signal, agreement)})
+        if trainer.is_main:
+            write_target(path, table, key)
+    ids = table["id"].tolist()
+    target = dict(zip(ids, table["target"].to_numpy()))
     fitted = [(batch, torch.tensor([target[str(i)] for i in batch_ids], dtype=torch.float32,
                                    device=batch.idx_BL.device)) for batch_ids, batch in held]
     opt = build_optimizer(trainer.rater, o.opt, b.distill_lr or o.rater_lr, o.rater_wd, (o.beta1, o.beta2))
