@@ -28,7 +28,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py --threads 2
+	$(PY) scripts/demo.py --threads 2 --tokenizer configs/demo_tokenizer.pt
 
 test: $(STAMP)
 	$(PY) -m pytest tests

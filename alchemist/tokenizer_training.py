@@ -7,6 +7,8 @@ VQ weights exist offline).
 """
 from __future__ import annotations
 
+import hashlib
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from alchemist.config import DataConfig, ModelConfig
 from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
 from alchemist.models.vqvae import VQVAE
 from alchemist.models.vqvae_train import train_vqvae
+from alchemist.utils.io import atomic_torch_save
 
 
 def train_vqvae_on_pairs(model: VQVAE, table_path: str | Path, steps: int, *, bs: int = 16, lr: float = 2e-3,
@@ -59,3 +62,36 @@ def train_tokenizer_for(mcfg: ModelConfig, table_path: str | Path, out: str | Pa
     vq = VQVAE(vocab_size=mcfg.vocab_size, z_channels=mcfg.Cvae, ch=mcfg.vae_ch, ch_mult=mcfg.vae_ch_mult,
                patch_nums=mcfg.patch_nums, num_res_blocks=1)
     return train_vqvae_on_pairs(vq, table_path, steps, bs=16, lr=2e-3, out_path=out, workers=workers, seed=seed)
+
+
+def images_fingerprint(table_path: str | Path, size: int) -> str:
+    """sha256 of a pairs table's images as a tokenizer reads them (decoded, at ``size``, in table order)."""
+    ds, digest = pairs_images(table_path, size), hashlib.sha256()
+    for i in range(len(ds)):
+        digest.update(ds[i]["img_3HW"].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def bundle_tokenizer(trained: str | Path, table_path: str | Path, out: str | Path, made_by: str) -> Path:
+    """A finished tokenizer checkpoint with what it was trained on (``images_fingerprint``) and how
+    (``made_by``), for ``use_bundled_tokenizer``; its weights are the trained file's, bit for bit."""
+    ckpt = torch.load(trained, map_location="cpu", weights_only=True)
+    size = VQVAE(**ckpt["config"]).image_size
+    ckpt["stats"] = {k: v for k, v in ckpt["stats"].items() if k != "history"}
+    ckpt["trained_on"] = {"fingerprint": images_fingerprint(table_path, size), "made_by": made_by}
+    return atomic_torch_save(ckpt, out)
+
+
+def use_bundled_tokenizer(bundle: str | Path, table_path: str | Path, out: str | Path, steps: int) -> bool:
+    """Copy ``bundle`` (``bundle_tokenizer``) to ``out`` when no tokenizer is there yet and the bundle was
+    trained for ``steps`` on exactly this table's images; whether ``out`` now holds it. Otherwise the
+    caller trains its own."""
+    out = Path(out)
+    if out.exists():
+        return False
+    ckpt = torch.load(bundle, map_location="cpu", weights_only=True)
+    size = VQVAE(**ckpt["config"]).image_size
+    if ckpt["stats"].get("steps") != steps or ckpt["trained_on"]["fingerprint"] != images_fingerprint(table_path, size):
+        return False
+    shutil.copyfile(bundle, out)
+    return True

@@ -24,7 +24,7 @@ from alchemist.plots import plot_rank_bands, plot_selection
 from alchemist.ratings import read_ratings, write_ratings
 from alchemist.scoring import rate_file, shards_dir
 from alchemist.selection import prune_table
-from alchemist.tokenizer_training import train_tokenizer_for
+from alchemist.tokenizer_training import train_tokenizer_for, use_bundled_tokenizer
 from alchemist.utils.checkpoint import latest_checkpoint
 from alchemist.utils.errors import UserError
 from experiments.demo_data import DemoSpec, format_summary, generate_demo
@@ -66,10 +66,13 @@ def demo_config(cls: type, config: str, out: Path, seed: int, overrides: Sequenc
 
 def run_demo(out: str | Path = "runs/demo", n_train: int = 2000, n_val: int = 500, seed: int = 0,
              tokenizer_steps: int = 800, retention: float = 0.5, overrides: Sequence[str] = (),
-             config: str = "configs/demo_rater.json", bench: str = "demo", threads: int = 1) -> pd.DataFrame:
+             config: str = "configs/demo_rater.json", bench: str = "demo", threads: int = 1,
+             tokenizer: str | Path = "") -> pd.DataFrame:
     """Every stage of the method on a benchmark's data; returns the ratings. ``overrides`` (--key=value)
     go to the rater config, e.g. --estimator=lookahead --ep=3. ``threads``: torch's intra-op threads,
-    fixed because the float sums, and so every number downstream, depend on the thread count."""
+    fixed because the float sums, and so every number downstream, depend on the thread count.
+    ``tokenizer``: a bundled finished tokenizer (``bundle_tokenizer``), used instead of training one when
+    it was trained for ``tokenizer_steps`` on exactly this run's training images."""
     torch.set_num_threads(threads)
     out = Path(out)
     t = stage(f"1. {bench} dataset")
@@ -79,6 +82,10 @@ def run_demo(out: str | Path = "runs/demo", n_train: int = 2000, n_val: int = 50
     cfg = demo_config(RaterConfig, config, out, seed, overrides)
 
     t = stage("2. tokenizer")
+    if tokenizer and use_bundled_tokenizer(tokenizer, cfg.data.train_csv_path, out / "tokenizer.pt", tokenizer_steps):
+        print(f"the bundled {tokenizer} was trained on these images: using it")
+    elif tokenizer and not (out / "tokenizer.pt").exists():
+        print(f"the bundled {tokenizer} was trained on other images or for other steps: training one")
     # the demo's own tokenizer (no pretrained VQ weights exist offline); resumes a killed run, reuses a finished one
     stats = train_tokenizer_for(cfg.model, cfg.data.train_csv_path, out / "tokenizer.pt", tokenizer_steps, cfg.seed,
                                 cfg.data.num_workers)

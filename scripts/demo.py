@@ -29,6 +29,8 @@ from alchemist.cli import ArgumentParser, non_negative_int, user_errors
 from experiments.demo_data import DemoSpec, format_summary, generate_demo
 from experiments.types import BENCHMARKS
 
+BUNDLED_TOKENIZER = "configs/demo_tokenizer.pt"  # what `make demo` (--threads 2) trains on the seed-0 demo images
+
 
 def _common(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="runs/demo", help="folder for every demo output")
@@ -46,9 +48,11 @@ def pipeline_main(argv: list[str]) -> None:
     ap.add_argument("--retention", type=float, default=0.5)
     ap.add_argument("--bench", choices=BENCHMARKS, default="demo", help="demo: generated scenes; digits: real scans")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (results depend on the count)")
+    ap.add_argument("--tokenizer", default="", help="a bundled finished tokenizer, used instead of training one "
+                    "when it was trained on exactly these images (make demo: " + BUNDLED_TOKENIZER + ")")
     args, overrides = ap.parse_known_args(argv)
     run_demo(args.out, args.n_train, args.n_val, args.seed, args.tokenizer_steps, args.retention, overrides,
-             bench=args.bench, threads=args.threads)
+             bench=args.bench, threads=args.threads, tokenizer=args.tokenizer)
 
 
 def sweep_main(argv: list[str]) -> None:

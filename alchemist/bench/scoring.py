@@ -26,9 +26,10 @@ import numpy as np
 
 from alchemist.bench.synthetic import TextSpec
 
-# a rater small enough that the engines' overheads show: 16 px, 3 scales, 1 block
+# models small enough that the engines' overheads show: 16 px, 3 scales, 1 block; the tokenizer at
+# VAR's narrowest width (32), one residual block a level
 GEOMETRY = {"depth": 1, "raterDepth": 1, "image_size": 16, "patch_size": 4, "patch_nums": "1,2,4", "vocab_size": 32,
-            "Cvae": 8, "vae_ch": 32, "vae_ch_mult": "1,2,2", "text_max_len": 16, "fp16": 0}
+            "Cvae": 8, "vae_ch": 32, "vae_ch_mult": "1,1,1", "text_max_len": 16, "fp16": 0}
 TEXT = TextSpec(width=32, layers=1, heads=2, ffn=64, vocab=256)
 SHARD_ROWS = 1000
 
@@ -50,9 +51,9 @@ def write_inputs(n: int, root: Path, seed: int = 0) -> tuple[str, Path, list[str
     cfg = load_config(RaterConfig, None, over)
     torch.manual_seed(seed)
     m = cfg.model
-    vq = random_tokenizer(m, "cpu")
+    vq = random_tokenizer(m, "cpu", num_res_blocks=1)
     kw = {"vocab_size": m.vocab_size, "z_channels": m.Cvae, "ch": m.vae_ch, "ch_mult": list(m.vae_ch_mult),
-          "patch_nums": list(m.patch_nums)}
+          "patch_nums": list(m.patch_nums), "num_res_blocks": 1}
     torch.save({"state_dict": vq.state_dict(), "config": kw}, root / "tokenizer.pt")
     rater = build_rater(m, build_text_encoder(m, "cpu").width, torch.device("cpu"))
     ckpt = root / "run/checkpoints/step_00000001.pt"

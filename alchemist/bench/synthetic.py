@@ -111,10 +111,10 @@ def write_random_text_encoder(path: str | Path, spec: TextSpec, max_len: int, se
     return path
 
 
-def random_tokenizer(mcfg: ModelConfig, device: torch.device | str) -> VQVAE:
+def random_tokenizer(mcfg: ModelConfig, device: torch.device | str, num_res_blocks: int = 2) -> VQVAE:
     """VAR's tokenizer architecture at the config's geometry, random weights, frozen like ``load_vqvae``'s."""
     vq = VQVAE(vocab_size=mcfg.vocab_size, z_channels=mcfg.Cvae, ch=mcfg.vae_ch, ch_mult=mcfg.vae_ch_mult,
-               patch_nums=mcfg.patch_nums)
+               patch_nums=mcfg.patch_nums, num_res_blocks=num_res_blocks)
     return vq.eval().requires_grad_(False).to(device)
 
 
