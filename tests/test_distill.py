@@ -256,3 +256,14 @@ def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(ti
     train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=0))
     undone = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
     assert undone["distilled"] is None and all(torch.equal(online[k], undone["rater"][k]) for k in online)
+
+
+def test_state_digest_names_the_weights_bit_for_bit():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    twin = copy.deepcopy(m)
+    assert distill.state_digest(m) == distill.state_digest(twin)
+    with torch.no_grad():
+        twin[0].weight[1, 2] = torch.nextafter(twin[0].weight[1, 2], torch.tensor(1.0))  # one ulp of one weight
+    assert distill.state_digest(m) != distill.state_digest(twin)
+    assert distill.state_digest(copy.deepcopy(m).to(torch.bfloat16)) != distill.state_digest(m)  # bf16 states too

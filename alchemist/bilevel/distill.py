@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -247,15 +248,26 @@ def fit_rater(rater: nn.Module, step: Callable[[torch.Tensor], object],
 TARGET_FILE = "distill_target.parquet"
 
 
-def target_key(cfg: RaterConfig, loop_step: int) -> dict[str, float]:
-    """What the target depends on: the loop's proxy (its step) and the signal's settings (not the fit's)."""
+def state_digest(module: nn.Module) -> str:
+    """sha256 of a module's state (names and bytes): which proxy a target was taken from."""
+    digest = hashlib.sha256()
+    for name, value in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def target_key(cfg: RaterConfig, trainer: Any) -> dict[str, float | str]:
+    """What the target depends on: the loop's proxy (its step and weights) and the signal's settings
+    (not the fit's)."""
     b = cfg.bilevel
-    return {"loop_step": loop_step, "seed": cfg.seed, "distill_pairs": b.distill_pairs,
+    return {"loop_step": trainer.step_idx, "proxy": state_digest(trainer.proxy), "seed": cfg.seed,
+            "distill_pairs": b.distill_pairs,
             "distill_proxy_steps": b.distill_proxy_steps, "distill_captions": b.distill_captions,
             "distill_snapshots": b.distill_snapshots, "lookahead_eps": b.lookahead_eps}
 
 
-def write_target(path: Path, table: pd.DataFrame, key: dict[str, float]) -> None:
+def write_target(path: Path, table: pd.DataFrame, key: dict[str, float | str]) -> None:
     """The per-pair target (id, signal, agreement, target) with its ``target_key`` in the file's metadata."""
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     arrow = arrow.replace_schema_metadata({**(arrow.schema.metadata or {}), b"alchemist": json.dumps(key).encode()})
@@ -263,7 +275,7 @@ def write_target(path: Path, table: pd.DataFrame, key: dict[str, float]) -> None
         pq.write_table(arrow, f)
 
 
-def read_target(path: Path, key: dict[str, float]) -> pd.DataFrame | None:
+def read_target(path: Path, key: dict[str, float | str]) -> pd.DataFrame | None:
     """The saved target when it was computed with ``key``, else None."""
     if not path.is_file():
         return None
@@ -317,7 +329,7 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
     held = list(_first_pairs(featurized(stream(train_table, "train", True, cfg.seed + 2).epoch_batches()),
                              cfg.bilevel.distill_pairs))
     o, b = cfg.optim, cfg.bilevel
-    path, key = cfg.output.run_dir / TARGET_FILE, target_key(cfg, trainer.step_idx)
+    path, key = cfg.output.run_dir / TARGET_FILE, target_key(cfg, trainer)
     table = read_target(path, key)  # a redo with other fit settings only: the signal is as it was
     if table is None:
         scaler = trainer.new_scaler()
