@@ -6,7 +6,7 @@
     python scripts/bench.py --preset paper --flops-only          # FLOPs and time floors, no device needed
     python scripts/bench.py prune --n 30000000 --table --out runs/bench_prune.json   # pruning at scale
     python scripts/bench.py prune --n 30000000 --cases shards          # only the streaming prune of per-shard files
-    python scripts/bench.py score --n 5000 20000 --out runs/bench_score.json   # scoring engines: torch, ray
+    python scripts/bench.py score --n 20000 1000000 --out runs/bench_score.json   # scoring engines: torch, ray
 
 Rows: the bilevel rater-training step for each rule (penalty, reference, lookahead) and the plain
 proxy step it is compared with, each from raw images (tokenizer + text encoder inside the step),
