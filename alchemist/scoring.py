@@ -40,7 +40,7 @@ from alchemist.models.blocks import compile_blocks
 from alchemist.models.rater import Rater
 from alchemist.ratings import table_format, write_ratings
 from alchemist.runtime import amp_dtype, autocast, encoder_amp_dtype
-from alchemist.utils.checkpoint import CheckpointError, latest_checkpoint, torch_load
+from alchemist.utils.checkpoint import CheckpointError, latest_checkpoint, state_sha1, torch_load
 from alchemist.utils.dist import state as dist_state
 from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_open, check_writable, remove_stale_temps
@@ -153,21 +153,13 @@ def _shard_file(root: Path, k: int) -> Path:
 
 def _fingerprint(table: pd.DataFrame, rater: Rater, shard_rows: int) -> dict:
     """What the shards depend on: reusing shards of another table, rater or sharding would be wrong."""
-    return {"rows": len(table), "table_sha1": table_sha1(table), "rater_sha1": rater_sha1(rater),
+    return {"rows": len(table), "table_sha1": table_sha1(table), "rater_sha1": state_sha1(rater),
             "shard_rows": shard_rows, "official_batch": OFFICIAL_BATCH}
 
 
 def table_sha1(table: pd.DataFrame) -> str:
     rows = pd.util.hash_pandas_object(table[["id", "image_path", "caption"]], index=False).to_numpy()
     return hashlib.sha1(rows.tobytes()).hexdigest()
-
-
-def rater_sha1(rater: Rater) -> str:
-    weights = hashlib.sha1()
-    for name, t in rater.state_dict().items():
-        weights.update(name.encode())
-        weights.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return weights.hexdigest()
 
 
 def claim(root: Path, meta: dict, rank: int = 0) -> None:

@@ -49,8 +49,9 @@ from alchemist.data import sources
 from alchemist.data.pairs import PairsDataset, SkipLog, collate_pairs, load_pairs, reason_kind
 from alchemist.rank_stream import StreamRanker
 from alchemist.ratings import table_format
-from alchemist.scoring import (DEFAULT_SHARD_ROWS, claim, load_rater, pool_rows, rater_sha1, scoring_config,
+from alchemist.scoring import (DEFAULT_SHARD_ROWS, claim, load_rater, pool_rows, scoring_config,
                                shard_frame, shards_dir, skipped_path, table_sha1, write_shard)
+from alchemist.utils.checkpoint import state_sha1
 from alchemist.utils.errors import UserError
 from alchemist.utils.io import atomic_open, check_writable, remove_stale_temps
 
@@ -224,7 +225,7 @@ def _fingerprint(parts: list[Part], table: pd.DataFrame | None, rater, cfg, shar
     scale): a shard replaced after its part was scored (a re-download) keeps its scores until its part
     file is deleted, and a failed one is retried."""
     data = {k: v for k, v in config_to_dict(cfg)["data"].items() if k not in ("num_workers", "check_images")}
-    meta = {"engine": "ray", "parts": [[p.file, p.lo, p.hi] for p in parts], "rater_sha1": rater_sha1(rater),
+    meta = {"engine": "ray", "parts": [[p.file, p.lo, p.hi] for p in parts], "rater_sha1": state_sha1(rater),
             "data": data}
     if table is not None:
         meta.update(rows=len(table), shard_rows=shard_rows, table_sha1=table_sha1(table))

@@ -10,7 +10,6 @@ import torch
 from scipy.special import ndtri
 from scipy.stats import spearmanr
 
-from alchemist.batch import TokenBatch
 from alchemist.bilevel.distill import (adam_step_size, caption_agreement, caption_shifts, combined_target,
                                       distill_settings, mean_rank, needs_distillation, pair_signal, rank_target,
                                       snapshot_points, snapshot_signals, trained_further)
@@ -21,7 +20,7 @@ from alchemist.config import BilevelConfig, ConfigError, RaterConfig
 from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
 from alchemist.data.tokens import Featurizer
 from alchemist.models.proxy import Proxy
-from alchemist.utils.checkpoint import latest_checkpoint, load_checkpoint
+from alchemist.utils.checkpoint import latest_checkpoint, load_checkpoint, state_sha1
 from alchemist.utils.optim import build_optimizer
 from tests.test_bilevel import PATCH_NUMS, _cfg, _tiny_batch, tiny_setup  # noqa: F401 (a fixture)
 
@@ -258,12 +257,12 @@ def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(ti
     assert undone["distilled"] is None and all(torch.equal(online[k], undone["rater"][k]) for k in online)
 
 
-def test_state_digest_names_the_weights_bit_for_bit():
+def test_state_sha1_names_the_weights_bit_for_bit():
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     twin = copy.deepcopy(m)
-    assert distill.state_digest(m) == distill.state_digest(twin)
+    assert state_sha1(m) == state_sha1(twin)
     with torch.no_grad():
         twin[0].weight[1, 2] = torch.nextafter(twin[0].weight[1, 2], torch.tensor(1.0))  # one ulp of one weight
-    assert distill.state_digest(m) != distill.state_digest(twin)
-    assert distill.state_digest(copy.deepcopy(m).to(torch.bfloat16)) != distill.state_digest(m)  # bf16 states too
+    assert state_sha1(m) != state_sha1(twin)
+    assert state_sha1(copy.deepcopy(m).to(torch.bfloat16)) != state_sha1(m)  # bf16 states too

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -50,6 +49,7 @@ from alchemist.batch import TokenBatch
 from alchemist.bilevel.estimators import alignment
 from alchemist.config import RaterConfig
 from alchemist.runtime import Runtime, make_stream
+from alchemist.utils.checkpoint import state_sha1
 from alchemist.utils.io import atomic_open
 from alchemist.utils.optim import build_optimizer
 
@@ -248,20 +248,11 @@ def fit_rater(rater: nn.Module, step: Callable[[torch.Tensor], object],
 TARGET_FILE = "distill_target.parquet"
 
 
-def state_digest(module: nn.Module) -> str:
-    """sha256 of a module's state (names and bytes): which proxy a target was taken from."""
-    digest = hashlib.sha256()
-    for name, value in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(value.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def target_key(cfg: RaterConfig, trainer: Any) -> dict[str, float | str]:
     """What the target depends on: the loop's proxy (its step and weights) and the signal's settings
     (not the fit's)."""
     b = cfg.bilevel
-    return {"loop_step": trainer.step_idx, "proxy": state_digest(trainer.proxy), "seed": cfg.seed,
+    return {"loop_step": trainer.step_idx, "proxy": state_sha1(trainer.proxy), "seed": cfg.seed,
             "distill_pairs": b.distill_pairs,
             "distill_proxy_steps": b.distill_proxy_steps, "distill_captions": b.distill_captions,
             "distill_snapshots": b.distill_snapshots, "lookahead_eps": b.lookahead_eps}
@@ -279,8 +270,9 @@ def read_target(path: Path, key: dict[str, float | str]) -> pd.DataFrame | None:
     """The saved target when it was computed with ``key``, else None."""
     if not path.is_file():
         return None
-    saved = (pq.read_schema(path).metadata or {}).get(b"alchemist")
-    return pd.read_parquet(path) if saved is not None and json.loads(saved) == key else None
+    table = pq.read_table(path)
+    saved = (table.schema.metadata or {}).get(b"alchemist")
+    return table.to_pandas() if saved is not None and json.loads(saved) == key else None
 
 
 def distill_settings(cfg: RaterConfig) -> dict[str, float]:

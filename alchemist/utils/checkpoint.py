@@ -2,6 +2,7 @@
 state (every rank's) needed to resume a run exactly."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
@@ -24,6 +25,15 @@ TRAINING_KEYS = ("step", "epoch", "config")
 
 class CheckpointError(UserError):
     """A file that should be a checkpoint but cannot be read as one."""
+
+
+def state_sha1(module: torch.nn.Module) -> str:
+    """sha1 of a module's state (names and bytes, bit for bit): which weights an output was made with."""
+    digest = hashlib.sha1()
+    for name, t in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
