@@ -172,6 +172,7 @@ class BilevelConfig:
     distill_proxy_steps: int = 0  # plain steps of a copy of the final proxy on those pairs before its signal
     distill_captions: int = 0  # other captions per pair for the caption-agreement term of the target (0: none)
     distill_snapshots: int = 1  # points of those steps (evenly spaced, both ends) whose signals are averaged
+    distill_swaps: float = 0.0  # share of the fit's rows shown with another row's caption (needs distill_captions)
     official_scale: bool = False  # proxy train term (1/B)·Σ softmax·l as in the official code;
     # default: weights rescaled to mean 1 so the train term is a weighted average of the losses
 
@@ -186,6 +187,9 @@ class BilevelConfig:
         _check(self.distill_snapshots == 1 or self.distill_proxy_steps >= self.distill_snapshots - 1,
                "bilevel.distill_snapshots > 1 spaces its points over distill_proxy_steps: need "
                "distill_proxy_steps >= distill_snapshots - 1")
+        _check(0 <= self.distill_swaps < 1 and (self.distill_captions or not self.distill_swaps),
+               "bilevel.distill_swaps must be in [0, 1), and > 0 needs bilevel.distill_captions > 0 (its target "
+               "is set by the caption agreement)")
         _check(not (self.distill_steps and self.fix_proxy), "bilevel.distill_steps reads the proxy optimiser's "
                "state, and bilevel.fix_proxy=true has none")
         _check(self.rater_replay >= 0 and self.replay_size >= 1, "bilevel.rater_replay must be >= 0 and replay_size >= 1")

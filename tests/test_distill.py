@@ -11,8 +11,9 @@ from scipy.special import ndtri
 from scipy.stats import spearmanr
 
 from alchemist.bilevel.distill import (adam_step_size, caption_agreement, caption_shifts, combined_target,
-                                      distill_settings, mean_rank, needs_distillation, pair_signal, rank_target,
-                                      snapshot_points, snapshot_signals, trained_further)
+                                      distill_settings, mean_rank, needs_distillation, pair_signal, quantile_in,
+                                      rank_target, snapshot_points, snapshot_signals, swapped_target,
+                                      trained_further, with_swapped_captions)
 from alchemist.bilevel import distill
 from alchemist.bilevel.launch import train_rater
 from alchemist.build import build_proxy, build_rater, build_text_encoder, build_tokenizer
@@ -97,6 +98,10 @@ def test_a_checkpoint_distilled_before_a_setting_existed_counts_as_its_default()
     assert needs_distillation(more, done) and not needs_distillation(more, distill_settings(more))
     with pytest.raises(ConfigError, match="distill_proxy_steps >= distill_snapshots - 1"):
         BilevelConfig(distill_proxy_steps=1, distill_snapshots=3)
+    with pytest.raises(ConfigError, match="distill_swaps"):  # its target needs the caption agreement
+        BilevelConfig(distill_swaps=0.5)
+    with pytest.raises(ConfigError, match="distill_swaps"):
+        BilevelConfig(distill_swaps=1.0, distill_captions=4)
 
 
 def test_trained_further_continues_adam_on_a_copy_at_the_given_lr():
@@ -188,6 +193,56 @@ def test_rank_target_is_the_normal_quantile_of_the_rank_with_ties_shared():
     assert np.allclose(rank_target(c * 1e6 + 7), t)
 
 
+def test_quantile_in_places_values_among_a_reference_on_rank_targets_scale():
+    ref = np.array([3.0, -1.0, 10.0, 3.0, 0.5])
+    assert np.allclose(quantile_in(ref, ref), rank_target(ref))
+    # below everything, between -1 and 0.5, on the tied 3s, above everything: mean ranks 0.5, 1.5, 3.5, 5.5 of 6
+    assert np.allclose(quantile_in(ref, np.array([-5.0, 0.0, 3.0, 11.0])), ndtri(np.array([0.5, 1.5, 3.5, 5.5]) / 6))
+
+
+def test_swapped_target_is_the_pair_under_a_chance_level_caption_never_above_its_own():
+    rng = np.random.default_rng(0)
+    c, a = rng.normal(size=200), rng.uniform(0.3, 1.0, size=200)
+    own, swapped = combined_target(c, a), swapped_target(c, a)
+    assert np.all(swapped <= own + 1e-12)
+    # brute force: each pair's min(z(c), z(a)) with its a lowered to 0.5 (where it was higher), ranked among the own
+    z_c, z_half = rank_target(c), quantile_in(a, np.array([0.5]))[0]
+    for i in rng.choice(200, 20, replace=False):
+        m = np.minimum(z_c, rank_target(a))
+        m_i = min(m[i], z_half)
+        rank = (m < m_i).sum() + ((m == m_i).sum() + 1) / 2
+        assert np.isclose(swapped[i], ndtri(rank / 201))
+    at_chance = a <= 0.5  # a caption already at chance or worse: the pair's own target
+    assert at_chance.any() and np.allclose(swapped[at_chance], own[at_chance])
+    assert (swapped[~at_chance] < own[~at_chance]).mean() > 0.5  # good captions lose their credit
+
+
+def test_with_swapped_captions_moves_another_rows_caption_and_its_target():
+    g = torch.Generator().manual_seed(0)
+    own = [torch.randn(8, generator=g) for _ in range(200)]  # own targets; swapped ones below them
+    batches = [(_tiny_batch(8, seed=s), t, t - torch.rand(8, generator=g)) for s, t in enumerate(own)]
+    batches.append((_tiny_batch(1, seed=9), torch.ones(1), -torch.ones(1)))  # one row: nothing to swap with
+    assert all(b is o and torch.equal(t, t0) for (b, t), (o, t0, _) in
+               zip(with_swapped_captions(batches, 0.0, seed=0), batches))
+    swapped = 0
+    for (batch, target_B), (orig, own_B, swap_B) in zip(with_swapped_captions(batches, 0.3, seed=0), batches):
+        shifts = set()
+        for i in range(batch.B):  # image and tokens untouched; a swapped row reads another row's caption
+            same = [j for j in range(orig.B) if torch.equal(batch.text.hidden_BTD[i], orig.text.hidden_BTD[j])]
+            assert len(same) == 1 and torch.equal(batch.text.pooled_BD[i], orig.text.pooled_BD[same[0]])
+            j = same[0]
+            if j != i:  # its image's swapped target
+                assert target_B[i] == swap_B[i]
+                shifts.add((j - i) % batch.B)
+                swapped += 1
+            else:
+                assert target_B[i] == own_B[i]
+        assert len(shifts) <= 1  # one shift per batch
+        assert torch.equal(batch.idx_BL, orig.idx_BL) and torch.equal(batch.x_BLC, orig.x_BLC)
+        assert torch.equal(batch.final_BlC, orig.final_BlC)
+    assert abs(swapped / (200 * 8) - 0.3) < 0.05
+
+
 def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(tiny_setup, monkeypatch):  # noqa: F811
     """After the loop the rater's logits follow the final proxy's signal (recomputed here from the
     checkpoint's proxy and AdamW state); the checkpoint says so, and a rerun changes nothing."""
@@ -246,8 +301,8 @@ def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(ti
         raise AssertionError("the signal was computed again")
     monkeypatch.setattr(distill, "snapshot_signals", no_signal)  # other fit settings: the saved target is reused
     refit = train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=12, distill_lr=1e-3,
-                             distill_proxy_steps=4, distill_captions=3, distill_snapshots=2))
-    assert refit["distill_steps_taken"] == 12
+                             distill_proxy_steps=4, distill_captions=3, distill_snapshots=2, distill_swaps=0.5))
+    assert refit["distill_steps_taken"] == 12 and refit["distill_swaps"] == 0.5
     with pytest.raises(AssertionError, match="computed again"):  # other signal settings: it is not
         train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=12, distill_lr=1e-3,
                          distill_proxy_steps=4, distill_captions=2, distill_snapshots=2))

@@ -199,6 +199,44 @@ def combined_target(c: np.ndarray, a: np.ndarray | None) -> np.ndarray:
     return rank_target(c) if a is None else rank_target(np.minimum(rank_target(c), rank_target(a)))
 
 
+def quantile_in(ref: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The standard-normal quantile of each value of ``x``'s mean rank among ``ref``, on ``rank_target``'s
+    scale (for the values of ``ref`` itself it is ``rank_target(ref)``)."""
+    s = np.sort(ref)
+    below, upto = np.searchsorted(s, x, "left"), np.searchsorted(s, x, "right")
+    return ndtri((below + (upto - below + 1) / 2) / (len(ref) + 1))
+
+
+def swapped_target(c: np.ndarray, a: np.ndarray, chance: float = 0.5) -> np.ndarray:
+    """Each pair's image under a caption the proxy cannot confirm (agreement ``chance``, what an unrelated
+    caption scores), on the scale of ``combined_target(c, a)``: its own min(z(c), z(a)) capped at
+    z(chance), placed among the pairs' own. Never above the pair's own target: a low a_i can be the
+    image's fault (no caption predicts a noise image), and another caption does not mend the image."""
+    own = np.minimum(rank_target(c), rank_target(a))
+    return quantile_in(own, np.minimum(own, quantile_in(a, np.full(len(a), chance))))
+
+
+def with_swapped_captions(batches: Iterable[tuple[TokenBatch, torch.Tensor, torch.Tensor]], share: float,
+                          seed: int) -> Iterator[tuple[TokenBatch, torch.Tensor]]:
+    """Each (batch, target_B, swapped_B) as (batch, target_B) with about ``share`` of its rows given the
+    caption of the row a random shift on (one shift per batch, never 0) and their ``swapped_target``
+    (not capped by the target of the pair the caption came from: that target mostly judges its image).
+    Why: the planted wrong captions are a few per cent of the pairs, too few for the rater to learn
+    caption–image agreement from; every other caption of a batch is a wrong caption for free."""
+    rng = np.random.default_rng(seed)
+    for batch, target_B, swapped_B in batches:
+        B = batch.B
+        rows = rng.random(B) < share if B > 1 else np.zeros(B, bool)
+        if not rows.any():
+            yield batch, target_B
+            continue
+        src = np.arange(B)
+        src[rows] = (src[rows] + rng.integers(1, B)) % B
+        rows_B, src_B = torch.as_tensor(rows, device=target_B.device), torch.as_tensor(src, device=target_B.device)
+        yield (dataclasses.replace(batch, text=batch.text.index(src_B)),
+               torch.where(rows_B, swapped_B, target_B))
+
+
 def snapshot_points(steps: int, snapshots: int) -> list[int]:
     """After how many further proxy steps the signal is taken: the end alone, or ``snapshots`` points
     evenly spaced from the loop's own proxy (0) to ``steps``."""
@@ -280,7 +318,7 @@ def distill_settings(cfg: RaterConfig) -> dict[str, float]:
     b = cfg.bilevel
     return {"distill_steps": b.distill_steps, "distill_lr": b.distill_lr, "distill_pairs": b.distill_pairs,
             "distill_proxy_steps": b.distill_proxy_steps, "distill_captions": b.distill_captions,
-            "distill_snapshots": b.distill_snapshots}
+            "distill_snapshots": b.distill_snapshots, "distill_swaps": b.distill_swaps}
 
 
 def needs_distillation(cfg: RaterConfig, distilled: dict | None) -> bool:
@@ -338,12 +376,17 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
             write_target(path, table, key)
     ids = table["id"].tolist()
     target = dict(zip(ids, table["target"].to_numpy()))
-    fitted = [(batch, torch.tensor([target[str(i)] for i in batch_ids], dtype=torch.float32,
-                                   device=batch.idx_BL.device)) for batch_ids, batch in held]
+    swapped = dict(zip(ids, swapped_target(table["signal"].to_numpy(), table["agreement"].to_numpy()))
+                   if b.distill_swaps else target)
+    as_tensor = lambda values, batch_ids, batch: torch.tensor(  # noqa: E731
+        [values[str(i)] for i in batch_ids], dtype=torch.float32, device=batch.idx_BL.device)
+    fitted = [(batch, as_tensor(target, batch_ids, batch), as_tensor(swapped, batch_ids, batch))
+              for batch_ids, batch in held]
     opt = build_optimizer(trainer.rater, o.opt, b.distill_lr or o.rater_lr, o.rater_wd, (o.beta1, o.beta2))
     scaler = trainer.new_scaler()
     losses = fit_rater(trainer.rater, lambda loss: trainer.optimizer_step(trainer.rater, opt, loss, scaler),
-                       _shuffled_cycle(fitted, cfg.seed), b.distill_steps, trainer.autocast, progress)
+                       with_swapped_captions(_shuffled_cycle(fitted, cfg.seed), b.distill_swaps, cfg.seed + 4),
+                       b.distill_steps, trainer.autocast, progress)
     trainer.rater.eval()
     nan = float("nan")
     trainer.distilled = {**distill_settings(cfg), "pairs": len(ids), "steps_taken": len(losses),
