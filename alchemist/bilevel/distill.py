@@ -13,7 +13,8 @@ the (1−γ)·s factor are constants that the rank transform below removes). c_i
 pair i lowers the validation loss. The rater's logit is regressed on the normal quantile of c's rank
 (rank-based: c is heavy-tailed, and only the ranking is used downstream).
 
-Two options make the target steadier and let it see wrong captions (docs/bilevel.md, "Distillation"):
+Options make the target steadier and let it, and the fit, see wrong captions (docs/bilevel.md,
+"Distillation"):
 - ``distill_proxy_steps``: a copy of the final proxy takes that many plain steps on the held pairs
   first. The loop's proxy is young (128 steps on the demo) and its signal moves with the seed; a
   longer-trained one ranks the pairs more consistently. The checkpoint's proxy is left as it was.
@@ -26,6 +27,9 @@ Two options make the target steadier and let it see wrong captions (docs/bilevel
 - ``distill_snapshots``: the signal is taken at that many points of the further steps (the loop's
   proxy first, the last one at the end) and the points' rank transforms averaged; the captions are
   dealt out over them. One proxy's signal jumps between nearby checkpoints; their average does not.
+- ``distill_swaps``: in the fit, that share of the rows get another row's caption and the target of a
+  caption the proxy cannot confirm (``with_swapped_captions``), so that the rater sees far more wrong
+  captions than the data holds (off by default: docs/results.md measures what it trades).
 """
 from __future__ import annotations
 
