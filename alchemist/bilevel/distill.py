@@ -204,8 +204,8 @@ def combined_target(c: np.ndarray, a: np.ndarray | None) -> np.ndarray:
 
 
 def quantile_in(ref: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """The standard-normal quantile of each value of ``x``'s mean rank among ``ref``, on ``rank_target``'s
-    scale (for the values of ``ref`` itself it is ``rank_target(ref)``)."""
+    """The standard-normal quantile of each value of ``x``'s mean rank among ``ref`` (1-based, ties
+    sharing theirs; a value not in ``ref`` ranks half-way between its neighbours), over len(ref) + 1."""
     s = np.sort(ref)
     below, upto = np.searchsorted(s, x, "left"), np.searchsorted(s, x, "right")
     return ndtri((below + (upto - below + 1) / 2) / (len(ref) + 1))
@@ -217,7 +217,7 @@ def swapped_target(c: np.ndarray, a: np.ndarray, chance: float = 0.5) -> np.ndar
     z(chance), placed among the pairs' own. Never above the pair's own target: a low a_i can be the
     image's fault (no caption predicts a noise image), and another caption does not mend the image."""
     own = np.minimum(rank_target(c), rank_target(a))
-    return quantile_in(own, np.minimum(own, quantile_in(a, np.full(len(a), chance))))
+    return quantile_in(own, np.minimum(own, quantile_in(a, np.array([chance]))))
 
 
 def with_swapped_captions(batches: Iterable[tuple[TokenBatch, torch.Tensor, torch.Tensor]], share: float,
@@ -255,13 +255,7 @@ def mean_rank(signals: Sequence[np.ndarray]) -> np.ndarray:
 
 def rank_target(c: np.ndarray) -> np.ndarray:
     """The standard-normal quantile of each value's rank (ties share their mean rank)."""
-    order = c.argsort(kind="stable")
-    ranks = np.empty(len(c))
-    ranks[order] = np.arange(1, len(c) + 1)
-    _, inverse, counts = np.unique(c, return_inverse=True, return_counts=True)
-    if (counts > 1).any():  # mean rank within ties
-        ranks = (np.bincount(inverse, ranks) / counts)[inverse]
-    return ndtri(ranks / (len(c) + 1))
+    return quantile_in(c, c)
 
 
 def distill_loss(logit_B: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
