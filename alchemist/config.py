@@ -173,6 +173,8 @@ class BilevelConfig:
     distill_captions: int = 0  # other captions per pair for the caption-agreement term of the target (0: none)
     distill_snapshots: int = 1  # points of those steps (evenly spaced, both ends) whose signals are averaged
     distill_swaps: float = 0.0  # share of the fit's rows shown with another row's caption (needs distill_captions)
+    distill_caption_head: str = ""  # a head for the caption test in the fit: "min" (score = min of the two
+    # heads) or "aux" (an auxiliary task, dropped after the fit); "" none (bilevel/distill.py)
     official_scale: bool = False  # proxy train term (1/B)·Σ softmax·l as in the official code;
     # default: weights rescaled to mean 1 so the train term is a weighted average of the losses
 
@@ -190,6 +192,10 @@ class BilevelConfig:
         _check(0 <= self.distill_swaps < 1 and (self.distill_captions or not self.distill_swaps),
                "bilevel.distill_swaps must be in [0, 1), and > 0 needs bilevel.distill_captions > 0 (its target "
                "is set by the caption agreement)")
+        _check(self.distill_caption_head in ("", "min", "aux"), "bilevel.distill_caption_head must be '', 'min' "
+               f"or 'aux', got {self.distill_caption_head!r}")
+        _check(self.distill_captions or not self.distill_caption_head, "bilevel.distill_caption_head needs "
+               "bilevel.distill_captions > 0 (its target is the caption agreement)")
         _check(not (self.distill_steps and self.fix_proxy), "bilevel.distill_steps reads the proxy optimiser's "
                "state, and bilevel.fix_proxy=true has none")
         _check(self.rater_replay >= 0 and self.replay_size >= 1, "bilevel.rater_replay must be >= 0 and replay_size >= 1")

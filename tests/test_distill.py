@@ -11,9 +11,9 @@ from scipy.special import ndtri
 from scipy.stats import spearmanr
 
 from alchemist.bilevel.distill import (adam_step_size, caption_agreement, caption_shifts, combined_target,
-                                      distill_settings, mean_rank, needs_distillation, pair_signal, quantile_in,
-                                      rank_target, snapshot_points, snapshot_signals, swapped_target,
-                                      trained_further, with_swapped_captions)
+                                      distill_loss, distill_settings, mean_rank, needs_distillation, pair_signal,
+                                      quantile_in, rank_target, snapshot_points, snapshot_signals, swapped_target,
+                                      trained_further, two_test_targets, with_swapped_captions)
 from alchemist.bilevel import distill
 from alchemist.bilevel.launch import train_rater
 from alchemist.build import build_proxy, build_rater, build_text_encoder, build_tokenizer
@@ -102,6 +102,10 @@ def test_a_checkpoint_distilled_before_a_setting_existed_counts_as_its_default()
         BilevelConfig(distill_swaps=0.5)
     with pytest.raises(ConfigError, match="distill_swaps"):
         BilevelConfig(distill_swaps=1.0, distill_captions=4)
+    with pytest.raises(ConfigError, match="distill_caption_head needs"):
+        BilevelConfig(distill_caption_head="min")
+    with pytest.raises(ConfigError, match="must be '', 'min' or 'aux'"):
+        BilevelConfig(distill_caption_head="both", distill_captions=4)
 
 
 def test_trained_further_continues_adam_on_a_copy_at_the_given_lr():
@@ -217,6 +221,36 @@ def test_swapped_target_is_the_pair_under_a_chance_level_caption_never_above_its
     assert (swapped[~at_chance] < own[~at_chance]).mean() > 0.5  # good captions lose their credit
 
 
+def test_two_test_targets_give_each_head_its_own_test():
+    rng = np.random.default_rng(1)
+    c, a = rng.normal(size=300), rng.integers(0, 17, size=300) / 16  # 16 captions: shares in steps of 1/16
+    own, swapped = two_test_targets(c, a)
+    assert own.shape == swapped.shape == (300, 2)
+    assert np.array_equal(own[:, 0], rank_target(c)) and np.array_equal(swapped[:, 0], own[:, 0])
+    assert np.array_equal(own[:, 1], rank_target(a))
+    # brute force: a share of 0.5 ranked among the shares (ties half-way), capping the pair's own
+    rank_half = (a < 0.5).sum() + ((a == 0.5).sum() + 1) / 2
+    assert np.allclose(swapped[:, 1], np.minimum(rank_target(a), ndtri(rank_half / 301)))
+    assert np.array_equal(swapped[a <= 0.5, 1], own[a <= 0.5, 1]) and (swapped[a > 0.5, 1] < own[a > 0.5, 1]).all()
+    # the min of the two heads' targets orders the pairs as the single head's target does
+    assert spearmanr(own.min(axis=1), combined_target(c, a)).statistic == pytest.approx(1.0)
+    aux_own, aux_swapped = two_test_targets(c, a, aux=True)  # the score keeps the combined target, swaps teach it nothing
+    assert np.array_equal(aux_own[:, 0], combined_target(c, a)) and np.isnan(aux_swapped[:, 0]).all()
+    assert np.array_equal(aux_own[:, 1], own[:, 1]) and np.array_equal(aux_swapped[:, 1], swapped[:, 1])
+
+
+def test_distill_loss_skips_unknown_targets():
+    pred = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(5, 2, dtype=torch.float64)
+    target[[1, 3], 0] = float("nan")
+    loss = distill_loss(pred, target)
+    known = ~target.isnan()
+    assert torch.isclose(loss, (pred[known] - target[known]).pow(2).mean())
+    loss.backward()
+    assert torch.isfinite(pred.grad).all() and (pred.grad[~known] == 0).all() and (pred.grad[known] != 0).all()
+    assert torch.isclose(distill_loss(pred[:, 1], target[:, 1]), (pred[:, 1] - target[:, 1]).pow(2).mean())
+
+
 def test_with_swapped_captions_moves_another_rows_caption_and_its_target():
     g = torch.Generator().manual_seed(0)
     own = [torch.randn(8, generator=g) for _ in range(200)]  # own targets; swapped ones below them
@@ -241,6 +275,11 @@ def test_with_swapped_captions_moves_another_rows_caption_and_its_target():
         assert torch.equal(batch.idx_BL, orig.idx_BL) and torch.equal(batch.x_BLC, orig.x_BLC)
         assert torch.equal(batch.final_BlC, orig.final_BlC)
     assert abs(swapped / (200 * 8) - 0.3) < 0.05
+    two = [(b, torch.stack([t, -t], 1), torch.stack([t, t - 5], 1)) for b, t, _ in batches[:20]]  # two heads
+    for (batch, target_B2), (orig, own_B2, swap_B2) in zip(with_swapped_captions(two, 0.5, seed=1), two):
+        moved = torch.tensor([not torch.equal(batch.text.pooled_BD[i], orig.text.pooled_BD[i]) for i in range(batch.B)])
+        assert torch.equal(target_B2[moved], swap_B2[moved]) and torch.equal(target_B2[~moved], own_B2[~moved])
+        assert moved.any()
 
 
 def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(tiny_setup, monkeypatch):  # noqa: F811
@@ -303,6 +342,20 @@ def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(ti
     refit = train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=12, distill_lr=1e-3,
                              distill_proxy_steps=4, distill_captions=3, distill_snapshots=2, distill_swaps=0.5))
     assert refit["distill_steps_taken"] == 12 and refit["distill_swaps"] == 0.5
+    two = train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=12, distill_lr=1e-3,
+                           distill_proxy_steps=4, distill_captions=3, distill_snapshots=2, distill_caption_head="min"))
+    assert two["distill_caption_head"] == "min"
+    heads = load_checkpoint(latest_checkpoint(cfg.output.run_dir))["rater"]
+    assert any(k.startswith("caption_head.") for k in heads) and not any(k.startswith("caption_head.") for k in online)
+    scorer = build_rater(cfg.model, text.width, cpu).eval()
+    scorer.load_state_dict(heads)  # as infer_rater loads it: the logit is the lower head's
+    with torch.no_grad():
+        out = scorer(train)
+    assert torch.equal(out.logit_B, out.tests_B2.min(dim=1).values) and (out.tests_B2[:, 0] != out.tests_B2[:, 1]).all()
+    train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=12, distill_lr=1e-3, distill_swaps=0.5,
+                     distill_proxy_steps=4, distill_captions=3, distill_snapshots=2, distill_caption_head="aux"))
+    aux = load_checkpoint(latest_checkpoint(cfg.output.run_dir))["rater"]  # the auxiliary head is gone
+    assert aux.keys() == online.keys() and not all(torch.equal(aux[k], heads[k]) for k in online)
     with pytest.raises(AssertionError, match="computed again"):  # other signal settings: it is not
         train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=12, distill_lr=1e-3,
                          distill_proxy_steps=4, distill_captions=2, distill_snapshots=2))

@@ -118,3 +118,37 @@ def test_scores_stay_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = tiny_rater()(make_batch(3))
     assert out.logit_B.dtype == out.weight_B.dtype == out.group_scalar.dtype == torch.float32
+
+
+def test_caption_head_starts_as_the_instance_head_and_the_logit_is_the_lower_of_the_two():
+    torch.manual_seed(0)
+    rater, batch = tiny_rater(), make_batch(6)
+    before = rater(batch).logit_B
+    rater.add_caption_head()
+    out = rater(batch)
+    assert torch.allclose(out.logit_B, before) and torch.allclose(out.tests_B2, before[:, None].expand(6, 2))
+    with torch.no_grad():
+        rater.caption_head[-1].weight.normal_(std=0.3)  # the heads now differ
+        rater.caption_head[-1].bias.copy_(rater.instance_head[-1].bias)
+    out = rater(batch)
+    p_BC = rater.pooled(batch)
+    inst_B, cap_B = rater.instance_head(p_BC).squeeze(-1), rater.caption_head(p_BC).squeeze(-1)
+    assert torch.allclose(out.tests_B2, torch.stack([inst_B, cap_B], 1))
+    assert torch.allclose(out.logit_B, torch.minimum(inst_B, cap_B))
+    assert (inst_B < cap_B).any() and (cap_B < inst_B).any()  # both heads decide some rows
+    assert torch.allclose(out.weight_B, torch.sigmoid(out.logit_B).softmax(0) * out.group_scalar)
+
+
+def test_a_state_brings_or_takes_away_the_caption_head():
+    torch.manual_seed(0)
+    two, batch = tiny_rater(), make_batch(5)
+    plain_state = {k: v.clone() for k, v in two.state_dict().items()}
+    two.add_caption_head()
+    with torch.no_grad():
+        two.caption_head[-1].bias -= 0.2
+    fresh = tiny_rater()
+    fresh.load_state_dict(two.state_dict())  # as scoring loads a distilled checkpoint
+    assert fresh.caption_head is not None and torch.equal(fresh(batch).logit_B, two(batch).logit_B)
+    two.load_state_dict(plain_state)  # as undoing the distillation restores the loop's rater
+    assert two.caption_head is None and two(batch).tests_B2 is None
+    assert not any(k.startswith("caption_head.") for k in two.state_dict())

@@ -30,6 +30,13 @@ Options make the target steadier and let it, and the fit, see wrong captions (do
 - ``distill_swaps``: in the fit, that share of the rows get another row's caption and the target of a
   caption the proxy cannot confirm (``with_swapped_captions``), so that the rater sees far more wrong
   captions than the data holds (off by default: docs/results.md measures what it trades).
+- ``distill_caption_head``: the rater gets a second head for the caption test in the fit
+  (``Rater.add_caption_head``), fitted to z(a) and to the swapped rows' caption target, so that a lesson
+  of the caption test (a caption that fits its image is good) reaches another head than the score
+  (``two_test_targets``). "min": the instance head is fitted to z(c) and the score is the lower of the
+  two heads, the target's own min rule. "aux": the instance head is fitted to the combined target on
+  the rows as they are and the caption head is an auxiliary task of the shared trunk, dropped after
+  the fit.
 """
 from __future__ import annotations
 
@@ -220,6 +227,21 @@ def swapped_target(c: np.ndarray, a: np.ndarray, chance: float = 0.5) -> np.ndar
     return quantile_in(own, np.minimum(own, quantile_in(a, np.array([chance]))))
 
 
+def two_test_targets(c: np.ndarray, a: np.ndarray, aux: bool = False,
+                     chance: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 2) targets of (instance head, caption head) for each pair as it is and for its image under a
+    swapped caption. The caption head: z(a), and min(z(a), z(``chance``)) when swapped. The instance
+    head: z(c) under any caption (it is to judge the pair as the signal does, which barely depends on
+    the caption, and leave the caption to the other head); with ``aux`` the combined target on the
+    rows as they are and NaN (no loss) when swapped, so the score never learns that a caption which
+    fits is good."""
+    zc, za = rank_target(c), rank_target(a)
+    swapped_a = np.minimum(za, quantile_in(a, np.array([chance])))
+    if aux:
+        return np.stack([combined_target(c, a), za], axis=1), np.stack([np.full_like(zc, np.nan), swapped_a], axis=1)
+    return np.stack([zc, za], axis=1), np.stack([zc, swapped_a], axis=1)
+
+
 def with_swapped_captions(batches: Iterable[tuple[TokenBatch, torch.Tensor, torch.Tensor]], share: float,
                           seed: int) -> Iterator[tuple[TokenBatch, torch.Tensor]]:
     """Each (batch, target_B, swapped_B) as (batch, target_B) with about ``share`` of its rows given the
@@ -238,7 +260,7 @@ def with_swapped_captions(batches: Iterable[tuple[TokenBatch, torch.Tensor, torc
         src[rows] = (src[rows] + rng.integers(1, B)) % B
         rows_B, src_B = torch.as_tensor(rows, device=target_B.device), torch.as_tensor(src, device=target_B.device)
         yield (dataclasses.replace(batch, text=batch.text.index(src_B)),
-               torch.where(rows_B, swapped_B, target_B))
+               torch.where(rows_B.view(-1, *[1] * (target_B.dim() - 1)), swapped_B, target_B))
 
 
 def snapshot_points(steps: int, snapshots: int) -> list[int]:
@@ -259,23 +281,27 @@ def rank_target(c: np.ndarray) -> np.ndarray:
 
 
 def distill_loss(logit_B: torch.Tensor, target_B: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the instance logit to its target."""
-    return (logit_B.float() - target_B).pow(2).mean()
+    """Mean squared error of the instance logit (B,), or of both heads' (B, 2), to its target, over the
+    targets that are not NaN."""
+    known_B = ~target_B.isnan()
+    err_B = (logit_B.float() - torch.where(known_B, target_B, logit_B.detach().float())).pow(2)
+    return err_B.sum() / known_B.sum().clamp(min=1)
 
 
 def fit_rater(rater: nn.Module, step: Callable[[torch.Tensor], object],
               batches: Iterable[tuple[TokenBatch, torch.Tensor]], steps: int, autocast: Callable[[], object],
               progress: bool = True) -> list[float]:
     """``steps`` updates of the rater's logit towards each batch's target (from ``batches``, cycled by
-    the caller); ``step(loss)`` applies one optimiser update. Returns each step's loss."""
+    the caller), or of both heads' (``tests_B2``) for a (B, 2) target; ``step(loss)`` applies one
+    optimiser update. Returns each step's loss."""
     rater.train()
     losses = []
     it = iter(batches)
     for _ in tqdm(range(steps), desc="distill", disable=not progress, dynamic_ncols=True):
         batch, target_B = next(it)
         with autocast():
-            logit_B = rater(batch).logit_B
-        loss = distill_loss(logit_B, target_B)
+            out = rater(batch)
+        loss = distill_loss(out.logit_B if target_B.dim() == 1 else out.tests_B2, target_B)
         step(loss)
         losses.append(float(loss.detach()))
     return losses
@@ -316,7 +342,8 @@ def distill_settings(cfg: RaterConfig) -> dict[str, float]:
     b = cfg.bilevel
     return {"distill_steps": b.distill_steps, "distill_lr": b.distill_lr, "distill_pairs": b.distill_pairs,
             "distill_proxy_steps": b.distill_proxy_steps, "distill_captions": b.distill_captions,
-            "distill_snapshots": b.distill_snapshots, "distill_swaps": b.distill_swaps}
+            "distill_snapshots": b.distill_snapshots, "distill_swaps": b.distill_swaps,
+            "distill_caption_head": b.distill_caption_head}
 
 
 def needs_distillation(cfg: RaterConfig, distilled: dict | None) -> bool:
@@ -342,6 +369,8 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
         trainer.rater_online = {k: v.detach().clone() for k, v in trainer.rater.state_dict().items()}
     else:  # a redo with other settings starts from the rater the loop ended with
         trainer.rater.load_state_dict(trainer.rater_online)
+    if cfg.bilevel.distill_caption_head:
+        trainer.rater.add_caption_head()
     progress = trainer.is_main and cfg.logging.progress
     one = dataclasses.replace(rt, rank=0, world=1)
     stream = lambda table, split, shuffle, seed: make_stream(  # noqa: E731
@@ -372,12 +401,14 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
                               "target": combined_target(signal, agreement)})
         if trainer.is_main:
             write_target(path, table, key)
-    ids = table["id"].tolist()
-    target = dict(zip(ids, table["target"].to_numpy()))
-    swapped = dict(zip(ids, swapped_target(table["signal"].to_numpy(), table["agreement"].to_numpy()))
-                   if b.distill_swaps else target)
+    ids, c, a = table["id"].tolist(), table["signal"].to_numpy(), table["agreement"].to_numpy()
+    if b.distill_caption_head:
+        target, swapped = (dict(zip(ids, t)) for t in two_test_targets(c, a, aux=b.distill_caption_head == "aux"))
+    else:
+        target = dict(zip(ids, table["target"].to_numpy()))
+        swapped = dict(zip(ids, swapped_target(c, a))) if b.distill_swaps else target
     as_tensor = lambda values, batch_ids, batch: torch.tensor(  # noqa: E731
-        [values[str(i)] for i in batch_ids], dtype=torch.float32, device=batch.idx_BL.device)
+        np.array([values[str(i)] for i in batch_ids]), dtype=torch.float32, device=batch.idx_BL.device)
     fitted = [(batch, as_tensor(target, batch_ids, batch), as_tensor(swapped, batch_ids, batch))
               for batch_ids, batch in held]
     opt = build_optimizer(trainer.rater, o.opt, b.distill_lr or o.rater_lr, o.rater_wd, (o.beta1, o.beta2))
@@ -385,6 +416,8 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
     losses = fit_rater(trainer.rater, lambda loss: trainer.optimizer_step(trainer.rater, opt, loss, scaler),
                        with_swapped_captions(_shuffled_cycle(fitted, cfg.seed), b.distill_swaps, cfg.seed + 4),
                        b.distill_steps, trainer.autocast, progress)
+    if b.distill_caption_head == "aux":  # it taught the trunk; the score is the instance head's
+        trainer.rater.caption_head = None
     trainer.rater.eval()
     nan = float("nan")
     trainer.distilled = {**distill_settings(cfg), "pairs": len(ids), "steps_taken": len(losses),

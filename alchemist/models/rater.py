@@ -14,11 +14,19 @@ Two heads (paper §3.3):
 - instance head → ``logit_B``, a function of that sample alone: the score used for ranking;
   instance weights softmax_B(sigmoid(logit)).
 - group head on (mean_B p, var_B p) → sigmoid → one scalar per batch, multiplying all weights.
+
+A rater distilled with ``bilevel.distill_caption_head`` = "min" carries a third, the caption head
+(``add_caption_head``): the instance head then judges the pair as the proxy's signal does, the caption
+head whether the caption fits the image, and the logit is the lower of the two (a pair is as good as
+the worse of its tests, as in the target it was fitted to). Two heads, so that what teaches the
+caption test (a caption that fits is good) cannot raise a pair the other test sinks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
+
+import copy
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +41,7 @@ class RaterOutput:
     logit_B: Tensor  # raw instance logit; batch-independent ranking score
     weight_B: Tensor  # W_i = softmax_B(sigmoid(logit))_i · group_scalar (then softmax again if double_softmax)
     group_scalar: Tensor  # 0-dim; 1.0 when the group head is off
+    tests_B2: Tensor | None = None  # (instance head, caption head) when the rater has a caption head; logit = min
 
 
 def score_mlp(in_dim: int) -> nn.Sequential:
@@ -48,6 +57,7 @@ class Rater(ScaleTransformer):
         self.double_softmax, self.full_image = double_softmax, full_image
         self.instance_head = score_mlp(self.C)
         self.group_head = score_mlp(2 * self.C) if group_head else None
+        self.caption_head: nn.Sequential | None = None
         if full_image:
             self.final_embed = nn.Parameter(torch.zeros(1, 1, self.C))
             begin = self.begin_ends[-1][0]
@@ -62,6 +72,20 @@ class Rater(ScaleTransformer):
         return cls(mcfg.raterDepth, mcfg.Cvae, mcfg.patch_nums, text_dim, group_head=mcfg.group_head,
                    double_softmax=double_softmax, rope_norm=mcfg.rope_norm, rope_theta=mcfg.rope_theta,
                    full_image=mcfg.rater_full_image)
+
+    def add_caption_head(self) -> None:
+        """A caption head that starts as a copy of the instance head, so the logit starts as it was."""
+        self.caption_head = copy.deepcopy(self.instance_head)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """A state with a caption head (a distilled two-test rater) gives this rater one; a state
+        without one takes it away."""
+        has = any(k.startswith("caption_head.") for k in state_dict)
+        if has and self.caption_head is None:
+            self.add_caption_head()
+        elif not has and self.caption_head is not None:
+            self.caption_head = None
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def pooled(self, batch: TokenBatch) -> Tensor:
         """(B, C) mean over all tokens of the final-normalised states."""
@@ -81,7 +105,10 @@ class Rater(ScaleTransformer):
             return self.heads(p_BC)
 
     def heads(self, p_BC: Tensor) -> RaterOutput:
-        logit_B = self.instance_head(p_BC).squeeze(-1)
+        logit_B, tests_B2 = self.instance_head(p_BC).squeeze(-1), None
+        if self.caption_head is not None:
+            tests_B2 = torch.stack([logit_B, self.caption_head(p_BC).squeeze(-1)], dim=1)
+            logit_B = tests_B2.min(dim=1).values
         weight_B = torch.sigmoid(logit_B).softmax(dim=0)
         if self.group_head is None:
             group = torch.ones((), device=p_BC.device)
@@ -91,4 +118,4 @@ class Rater(ScaleTransformer):
         weight_B = weight_B * group
         if self.double_softmax:  # official trainer: softmax over already-normalised weights → ≈ 1/B
             weight_B = weight_B.softmax(dim=0)
-        return RaterOutput(logit_B, weight_B, group)
+        return RaterOutput(logit_B, weight_B, group, tests_B2)
