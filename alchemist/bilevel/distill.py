@@ -245,8 +245,9 @@ def two_test_targets(c: np.ndarray, a: np.ndarray, aux: bool = False,
 def with_swapped_captions(batches: Iterable[tuple[TokenBatch, torch.Tensor, torch.Tensor]], share: float,
                           seed: int) -> Iterator[tuple[TokenBatch, torch.Tensor]]:
     """Each (batch, target_B, swapped_B) as (batch, target_B) with about ``share`` of its rows given the
-    caption of the row a random shift on (one shift per batch, never 0) and their ``swapped_target``
-    (not capped by the target of the pair the caption came from: that target mostly judges its image).
+    caption of the row a random shift on (one shift per batch, never 0) and their row of ``swapped_B``
+    (``swapped_target``, or ``two_test_targets``' second table for a (B, 2) target; not capped by the
+    target of the pair the caption came from: that target mostly judges its image).
     Why: the planted wrong captions are a few per cent of the pairs, too few for the rater to learn
     caption–image agreement from; every other caption of a batch is a wrong caption for free."""
     rng = np.random.default_rng(seed)

@@ -23,10 +23,9 @@ caption test (a caption that fits is good) cannot raise a pair the other test si
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Sequence
-
-import copy
 
 import torch
 from torch import Tensor, nn
