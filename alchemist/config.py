@@ -175,6 +175,8 @@ class BilevelConfig:
     distill_swaps: float = 0.0  # share of the fit's rows shown with another row's caption (needs distill_captions)
     distill_caption_head: str = ""  # a head for the caption test in the fit: "min" (score = min of the two
     # heads) or "aux" (an auxiliary task, dropped after the fit); "" none (bilevel/distill.py)
+    distill_judge_steps: int = 0  # > 0: the caption test asks a copy of the loop's proxy trained this many plain
+    # steps on the validation pairs (the judge), all distill_captions at once, its posterior of the own caption
     official_scale: bool = False  # proxy train term (1/B)·Σ softmax·l as in the official code;
     # default: weights rescaled to mean 1 so the train term is a weighted average of the losses
 
@@ -196,6 +198,10 @@ class BilevelConfig:
                f"or 'aux', got {self.distill_caption_head!r}")
         _check(self.distill_captions or not self.distill_caption_head, "bilevel.distill_caption_head needs "
                "bilevel.distill_captions > 0 (its target is the caption agreement)")
+        _check(self.distill_judge_steps >= 0 and (not self.distill_judge_steps or (
+            self.distill_captions and not self.distill_swaps and not self.distill_caption_head)),
+            "bilevel.distill_judge_steps must be >= 0, and > 0 needs bilevel.distill_captions > 0 and neither "
+            "distill_swaps nor distill_caption_head (their targets are shares of captions, the judge's a posterior)")
         _check(not (self.distill_steps and self.fix_proxy), "bilevel.distill_steps reads the proxy optimiser's "
                "state, and bilevel.fix_proxy=true has none")
         _check(self.rater_replay >= 0 and self.replay_size >= 1, "bilevel.rater_replay must be >= 0 and replay_size >= 1")

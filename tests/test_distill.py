@@ -10,7 +10,8 @@ import torch
 from scipy.special import ndtri
 from scipy.stats import spearmanr
 
-from alchemist.bilevel.distill import (adam_step_size, caption_agreement, caption_shifts, combined_target,
+from alchemist.bilevel.distill import (adam_step_size, caption_agreement, caption_evidence, caption_shifts,
+                                       combined_target, judge_evidence,
                                       distill_loss, distill_settings, mean_rank, needs_distillation, pair_signal,
                                       quantile_in, rank_target, snapshot_points, snapshot_signals, swapped_target,
                                       trained_further, two_test_targets, with_swapped_captions)
@@ -77,6 +78,62 @@ def test_caption_agreement_is_the_share_of_other_captions_that_predict_the_image
     assert len(set(got.values())) > 1  # the random proxy does read the captions
 
 
+@pytest.mark.parametrize("others", [3, 16])
+def test_caption_evidence_is_the_log_posterior_over_prior_of_the_own_caption(others):
+    """Brute force: each pair's image scored alone under every caption it is compared with (its own and
+    the ones 1..``others`` rows before it in its batch, cyclically, shifts of at least the batch size
+    left out), the total token loss as -log likelihood, float64; a pair with no other caption gives 0."""
+    torch.manual_seed(0)
+    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
+    batches = [(list("abcde"), _tiny_batch(5, seed=4)), (["f", "g"], _tiny_batch(2, seed=5)), (["h"], _tiny_batch(1, seed=6))]
+    got = caption_evidence(proxy, batches, others, NO_AMP)
+    with torch.no_grad():
+        for ids, batch in batches:
+            B = batch.B
+            for i, pid in enumerate(ids):
+                nll = lambda j: proxy.per_token_loss(dataclasses.replace(  # noqa: E731
+                    batch.index([i]), text=batch.text.index([j]))).sum().item()
+                asked = [i] + [(i - r) % B for r in range(1, others + 1) if r < B]
+                like = np.exp([-nll(j) for j in asked])
+                want = np.log(like[0] / like.sum() * len(asked))
+                assert got[pid] == pytest.approx(want, abs=1e-9)
+    assert got["h"] == 0.0 and len(set(got.values())) > 2
+    assert max(got.values()) <= np.log(6) and min(got.values()) < 0  # at most log(n) of the n asked
+
+
+def test_the_judge_asks_a_copy_trained_on_the_validation_batches_only():
+    """``judge_evidence`` equals ``caption_evidence`` of a copy trained that many steps on the validation
+    batches in the order ``_shuffled_cycle`` deals them; the held pairs never train it, and the original
+    proxy and its optimiser are untouched."""
+    torch.manual_seed(0)
+    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
+    make = lambda m: build_optimizer(m, "adamw", 1e-4, 0.05)  # noqa: E731
+    opt = make(proxy)
+    proxy.per_sample_loss(_tiny_batch(4, seed=10)).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    before, state_before = copy.deepcopy(proxy.state_dict()), str(opt.state_dict()["state"])
+    val = [_tiny_batch(3, seed=40 + s) for s in range(2)]
+    held = [(list("abcd"), _tiny_batch(4, seed=30))]
+
+    def step(m, o, loss):
+        loss.backward()
+        o.step()
+        o.zero_grad()
+
+    got = judge_evidence(proxy, opt, val, held, 3, 2, 3e-3, make, step, NO_AMP, seed=7, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in proxy.state_dict().items())
+    assert str(opt.state_dict()["state"]) == state_before
+    judge, _ = trained_further(proxy, opt, distill._shuffled_cycle(val, 7), 3, 3e-3, make, step, NO_AMP,
+                               progress=False)
+    want = caption_evidence(judge, held, 2, NO_AMP)
+    assert got == pytest.approx(want, abs=1e-12)
+    on_held, _ = trained_further(proxy, opt, iter([b for _, b in held] * 3), 3, 3e-3, make, step, NO_AMP,
+                                 progress=False)
+    assert got != pytest.approx(caption_evidence(on_held, held, 2, NO_AMP), abs=1e-6)
+    assert got != pytest.approx(caption_evidence(proxy, held, 2, NO_AMP), abs=1e-6)
+
+
 def test_snapshots_share_out_the_captions_and_vote_equally():
     assert snapshot_points(300, 1) == [300] and snapshot_points(0, 1) == [0]
     assert snapshot_points(300, 4) == [0, 100, 200, 300] and snapshot_points(7, 3) == [0, 4, 7]
@@ -106,6 +163,12 @@ def test_a_checkpoint_distilled_before_a_setting_existed_counts_as_its_default()
         BilevelConfig(distill_caption_head="min")
     with pytest.raises(ConfigError, match="must be '', 'min' or 'aux'"):
         BilevelConfig(distill_caption_head="both", distill_captions=4)
+    for bad in ({}, {"distill_captions": 4, "distill_swaps": 0.25}, {"distill_captions": 4, "distill_caption_head": "aux"}):
+        with pytest.raises(ConfigError, match="distill_judge_steps"):  # the judge's test is not a share
+            BilevelConfig(distill_judge_steps=10, **bad)
+    judged = RaterConfig(bilevel=BilevelConfig(estimator="lookahead", distill_steps=5, distill_captions=4,
+                                               distill_judge_steps=10))
+    assert needs_distillation(judged, {k: v for k, v in distill_settings(judged).items() if k != "distill_judge_steps"})
 
 
 def test_trained_further_continues_adam_on_a_copy_at_the_given_lr():

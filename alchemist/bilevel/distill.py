@@ -37,6 +37,10 @@ Options make the target steadier and let it, and the fit, see wrong captions (do
   two heads, the target's own min rule. "aux": the instance head is fitted to the combined target on
   the rows as they are and the caption head is an auxiliary task of the shared trunk, dropped after
   the fit.
+- ``distill_judge_steps``: the caption test is asked of a copy of the loop's proxy trained that many steps
+  on the validation pairs (the judge), with every caption at once, and its statistic is the evidence for
+  the own caption (``caption_evidence``). The copy trained on the held pairs learns their wrong captions
+  with the rest; the judge never sees one.
 """
 from __future__ import annotations
 
@@ -140,6 +144,48 @@ def caption_agreement(proxy: nn.Module, train: Iterable[tuple[list, TokenBatch]]
         out.update(zip(map(str, ids), share_B.cpu().tolist()))
     proxy.train(was_training)
     return out
+
+
+@torch.no_grad()
+def caption_evidence(proxy: nn.Module, train: Iterable[tuple[list, TokenBatch]], others: int,
+                     autocast: Callable[[], object]) -> dict[str, float]:
+    """id -> log(P(own caption | image) / P(own caption)): the proxy's posterior of the pair's own caption
+    among it and the ``others`` next captions of its batch (rolled 1..``others`` rows on, cyclically; a
+    shift of at least the batch size is skipped), uniform prior, each caption's likelihood the image's
+    total token likelihood under it; 0 when no other caption is left (no evidence either way). ~log(n)
+    for a caption that alone explains its image, very negative when another one explains it much
+    better. Why not the share of wins (``caption_agreement``): it counts a caption that loses by a token
+    as one that loses by the whole image. The proxy is left as it was."""
+    was_training = proxy.training
+    proxy.eval()
+    out: dict[str, float] = {}
+    for ids, batch in train:
+        B = batch.B
+        texts = [torch.arange(B)] + [torch.roll(torch.arange(B), r) for r in range(1, others + 1) if r < B]
+        nll_BN = torch.zeros(B, len(texts), dtype=torch.float64, device=batch.idx_BL.device)  # totals of ~L nats
+        for n, rows in enumerate(texts):
+            shown = batch if n == 0 else dataclasses.replace(batch, text=batch.text.index(rows.to(nll_BN.device)))
+            with autocast():
+                nll_BN[:, n] = proxy.per_token_loss(shown).double().sum(dim=1)
+        evidence_B = -nll_BN[:, 0] - torch.logsumexp(-nll_BN, dim=1) + np.log(len(texts))
+        out.update(zip(map(str, ids), evidence_B.cpu().tolist()))
+    proxy.train(was_training)
+    return out
+
+
+def judge_evidence(proxy: nn.Module, opt: torch.optim.Optimizer, val: list[TokenBatch],
+                   held: list[tuple[list, TokenBatch]], steps: int, captions: int, lr: float,
+                   make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+                   step: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], object],
+                   autocast: Callable[[], object], seed: int, progress: bool = True) -> dict[str, float]:
+    """``caption_evidence`` of the held pairs asked of the judge: a copy of ``proxy`` trained ``steps``
+    plain steps on the validation batches (``trained_further``), which holds no wrong caption. Why not
+    the copy trained on the held pairs: it learns their wrong captions along with the right ones, and
+    its test gets worse the longer it trains (docs/results.md). The originals are untouched."""
+    judge, _ = trained_further(proxy, opt, _shuffled_cycle(val, seed), steps, lr, make_optimizer, step, autocast,
+                               progress)
+    return caption_evidence(judge, tqdm(held, desc="distill judge", disable=not progress, dynamic_ncols=True),
+                            captions, autocast)
 
 
 def twin_of(proxy: nn.Module, opt: torch.optim.Optimizer, lr: float,
@@ -315,10 +361,12 @@ def target_key(cfg: RaterConfig, trainer: Any) -> dict[str, float | str]:
     """What the target depends on: the loop's proxy (its step and weights) and the signal's settings
     (not the fit's)."""
     b = cfg.bilevel
-    return {"loop_step": trainer.step_idx, "proxy": state_sha1(trainer.proxy), "seed": cfg.seed,
-            "distill_pairs": b.distill_pairs,
-            "distill_proxy_steps": b.distill_proxy_steps, "distill_captions": b.distill_captions,
-            "distill_snapshots": b.distill_snapshots, "lookahead_eps": b.lookahead_eps}
+    key = {"loop_step": trainer.step_idx, "proxy": state_sha1(trainer.proxy), "seed": cfg.seed,
+           "distill_pairs": b.distill_pairs,
+           "distill_proxy_steps": b.distill_proxy_steps, "distill_captions": b.distill_captions,
+           "distill_snapshots": b.distill_snapshots, "lookahead_eps": b.lookahead_eps}
+    # only when set, so that the targets saved before the judge existed still match their settings
+    return {**key, "distill_judge_steps": b.distill_judge_steps} if b.distill_judge_steps else key
 
 
 def write_target(path: Path, table: pd.DataFrame, key: dict[str, float | str]) -> None:
@@ -344,7 +392,7 @@ def distill_settings(cfg: RaterConfig) -> dict[str, float]:
     return {"distill_steps": b.distill_steps, "distill_lr": b.distill_lr, "distill_pairs": b.distill_pairs,
             "distill_proxy_steps": b.distill_proxy_steps, "distill_captions": b.distill_captions,
             "distill_snapshots": b.distill_snapshots, "distill_swaps": b.distill_swaps,
-            "distill_caption_head": b.distill_caption_head}
+            "distill_caption_head": b.distill_caption_head, "distill_judge_steps": b.distill_judge_steps}
 
 
 def needs_distillation(cfg: RaterConfig, distilled: dict | None) -> bool:
@@ -391,13 +439,20 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
     table = read_target(path, key)  # a redo with other fit settings only: the signal is as it was
     if table is None:
         scaler = trainer.new_scaler()
+        make_opt = lambda m: build_optimizer(m, o.opt, o.tlr, o.twd, (o.beta1, o.beta2))  # noqa: E731
+        proxy_step = lambda m, opt, loss: trainer.optimizer_step(m, opt, loss, scaler)  # noqa: E731
         ids, signals, agreements = snapshot_signals(
             trainer.proxy, trainer.opt_proxy, held, val_batches,
             (batch for _, batch in _shuffled_cycle(held, cfg.seed + 3)),
-            snapshot_points(b.distill_proxy_steps, b.distill_snapshots), b.distill_captions, b.lookahead_eps, o.tlr,
-            lambda m: build_optimizer(m, o.opt, o.tlr, o.twd, (o.beta1, o.beta2)),
-            lambda m, opt, loss: trainer.optimizer_step(m, opt, loss, scaler), trainer.autocast, progress)
+            snapshot_points(b.distill_proxy_steps, b.distill_snapshots),
+            0 if b.distill_judge_steps else b.distill_captions, b.lookahead_eps, o.tlr, make_opt, proxy_step,
+            trainer.autocast, progress)
         signal, agreement = mean_rank(signals), np.mean(agreements, axis=0) if agreements else None
+        if b.distill_judge_steps:
+            evidence = judge_evidence(trainer.proxy, trainer.opt_proxy, val_batches, held, b.distill_judge_steps,
+                                      b.distill_captions, o.tlr, make_opt, proxy_step, trainer.autocast,
+                                      cfg.seed + 5, progress)
+            agreement = np.array([evidence[i] for i in ids])
         table = pd.DataFrame({"id": ids, "signal": signal, "agreement": np.nan if agreement is None else agreement,
                               "target": combined_target(signal, agreement)})
         if trainer.is_main:
