@@ -57,6 +57,11 @@ def test_pair_signal_is_each_pairs_gradient_along_adams_step_of_the_val_gradient
     assert len({round(c, 12) for c in got.values()}) == 5  # five different pairs, five values
 
 
+def _caption_batches():
+    """Held batches of 5, 2 and 1 pairs: a full one, one shorter than most shifts, one with no other caption."""
+    return [(list("abcde"), _tiny_batch(5, seed=4)), (["f", "g"], _tiny_batch(2, seed=5)), (["h"], _tiny_batch(1, seed=6))]
+
+
 @pytest.mark.parametrize("shifts", [[1, 2, 3], [2, 4]])
 def test_caption_agreement_is_the_share_of_other_captions_that_predict_the_image_worse(shifts):
     """Brute force: each pair's image scored alone with each caption it is compared with (the ones
@@ -64,7 +69,7 @@ def test_caption_agreement_is_the_share_of_other_captions_that_predict_the_image
     float64; a pair with none left gives 0.5."""
     torch.manual_seed(0)
     proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
-    batches = [(list("abcde"), _tiny_batch(5, seed=4)), (["f", "g"], _tiny_batch(2, seed=5)), (["h"], _tiny_batch(1, seed=6))]
+    batches = _caption_batches()
     got = caption_agreement(proxy, batches, shifts, NO_AMP)
     with torch.no_grad():
         for ids, batch in batches:
@@ -85,7 +90,7 @@ def test_caption_evidence_is_the_log_posterior_over_prior_of_the_own_caption(oth
     left out), the total token loss as -log likelihood, float64; a pair with no other caption gives 0."""
     torch.manual_seed(0)
     proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
-    batches = [(list("abcde"), _tiny_batch(5, seed=4)), (["f", "g"], _tiny_batch(2, seed=5)), (["h"], _tiny_batch(1, seed=6))]
+    batches = _caption_batches()
     got = caption_evidence(proxy, batches, others, NO_AMP)
     with torch.no_grad():
         for ids, batch in batches:
