@@ -172,11 +172,14 @@ class BilevelConfig:
     distill_proxy_steps: int = 0  # plain steps of a copy of the final proxy on those pairs before its signal
     distill_captions: int = 0  # other captions per pair for the caption-agreement term of the target (0: none)
     distill_snapshots: int = 1  # points of those steps (evenly spaced, both ends) whose signals are averaged
-    distill_swaps: float = 0.0  # share of the fit's rows shown with another row's caption (needs distill_captions)
+    distill_swaps: float = 0.0  # share of the fit's rows shown with another row's caption (needs distill_captions;
+    # with distill_judge_steps its target is graded by the judge's evidence for that caption)
     distill_caption_head: str = ""  # a head for the caption test in the fit: "min" (score = min of the two
     # heads) or "aux" (an auxiliary task, dropped after the fit); "" none (bilevel/distill.py)
     distill_judge_steps: int = 0  # > 0: the caption test asks a copy of the loop's proxy trained this many plain
     # steps on the validation pairs (the judge), all distill_captions at once, its posterior of the own caption
+    distill_start: str = "loop"  # the fit starts from "loop" (the rater the loop ended with) or "fresh" (a newly
+    # initialised one, seeded by seed + 6)
     official_scale: bool = False  # proxy train term (1/B)·Σ softmax·l as in the official code;
     # default: weights rescaled to mean 1 so the train term is a weighted average of the losses
 
@@ -199,9 +202,11 @@ class BilevelConfig:
         _check(self.distill_captions or not self.distill_caption_head, "bilevel.distill_caption_head needs "
                "bilevel.distill_captions > 0 (its target is the caption agreement)")
         _check(self.distill_judge_steps >= 0 and (not self.distill_judge_steps or (
-            self.distill_captions and not self.distill_swaps and not self.distill_caption_head)),
-            "bilevel.distill_judge_steps must be >= 0, and > 0 needs bilevel.distill_captions > 0 and neither "
-            "distill_swaps nor distill_caption_head (their targets are shares of captions, the judge's a posterior)")
+            self.distill_captions and not self.distill_caption_head)),
+            "bilevel.distill_judge_steps must be >= 0, and > 0 needs bilevel.distill_captions > 0 and no "
+            "distill_caption_head (its targets are shares of captions, the judge's a posterior)")
+        _check(self.distill_start in ("loop", "fresh"), "bilevel.distill_start must be 'loop' or 'fresh', got "
+               f"{self.distill_start!r}")
         _check(not (self.distill_steps and self.fix_proxy), "bilevel.distill_steps reads the proxy optimiser's "
                "state, and bilevel.fix_proxy=true has none")
         _check(self.rater_replay >= 0 and self.replay_size >= 1, "bilevel.rater_replay must be >= 0 and replay_size >= 1")

@@ -11,7 +11,7 @@ from scipy.special import ndtri
 from scipy.stats import spearmanr
 
 from alchemist.bilevel.distill import (adam_step_size, caption_agreement, caption_evidence, caption_shifts,
-                                       combined_target, judge_evidence,
+                                       combined_target, judge_evidence, judged_swap_targets,
                                       distill_loss, distill_settings, mean_rank, needs_distillation, pair_signal,
                                       quantile_in, rank_target, snapshot_points, snapshot_signals, swapped_target,
                                       trained_further, two_test_targets, with_swapped_captions)
@@ -84,10 +84,11 @@ def test_caption_agreement_is_the_share_of_other_captions_that_predict_the_image
 
 
 @pytest.mark.parametrize("others", [3, 16])
-def test_caption_evidence_is_the_log_posterior_over_prior_of_the_own_caption(others):
+def test_caption_evidence_is_the_log_posterior_over_prior_of_each_caption_asked(others):
     """Brute force: each pair's image scored alone under every caption it is compared with (its own and
     the ones 1..``others`` rows before it in its batch, cyclically, shifts of at least the batch size
-    left out), the total token loss as -log likelihood, float64; a pair with no other caption gives 0."""
+    left out and NaN), the total token loss as -log likelihood, float64; a pair with no other caption
+    gives 0 for its own."""
     torch.manual_seed(0)
     proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
     batches = _caption_batches()
@@ -98,45 +99,58 @@ def test_caption_evidence_is_the_log_posterior_over_prior_of_the_own_caption(oth
             for i, pid in enumerate(ids):
                 nll = lambda j: proxy.per_token_loss(dataclasses.replace(  # noqa: E731
                     batch.index([i]), text=batch.text.index([j]))).sum().item()
-                asked = [i] + [(i - r) % B for r in range(1, others + 1) if r < B]
+                asked = [(i - r) % B for r in range(others + 1) if r < B]
                 like = np.exp([-nll(j) for j in asked])
-                want = np.log(like[0] / like.sum() * len(asked))
-                assert got[pid] == pytest.approx(want, abs=1e-9)
-    assert got["h"] == 0.0 and len(set(got.values())) > 2
-    assert max(got.values()) <= np.log(6) and min(got.values()) < 0  # at most log(n) of the n asked
+                want = np.full(others + 1, np.nan)
+                want[:len(asked)] = np.log(like / like.sum() * len(asked))
+                assert got[pid].shape == (others + 1,)
+                assert np.allclose(got[pid], want, atol=1e-9, equal_nan=True)
+    own = np.array([e[0] for e in got.values()])
+    assert got["h"][0] == 0.0 and np.isnan(got["h"][1:]).all() and len(set(own)) > 2
+    assert own.max() <= np.log(6) and own.min() < 0  # at most log(n) of the n asked
+
+
+def _adamw(model):
+    return build_optimizer(model, "adamw", 1e-4, 0.05)
+
+
+def _adam_step(model, opt, loss):
+    """One plain update: the ``step`` the stage is given."""
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _stepped_proxy(steps):
+    """A tiny float64 proxy and its AdamW after ``steps`` updates, so that the optimiser has moments."""
+    torch.manual_seed(0)
+    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
+    opt = _adamw(proxy)
+    for s in range(steps):
+        _adam_step(proxy, opt, proxy.per_sample_loss(_tiny_batch(4, seed=10 + s)).mean())
+    return proxy, opt
 
 
 def test_the_judge_asks_a_copy_trained_on_the_validation_batches_only():
     """``judge_evidence`` equals ``caption_evidence`` of a copy trained that many steps on the validation
     batches in the order ``_shuffled_cycle`` deals them; the held pairs never train it, and the original
     proxy and its optimiser are untouched."""
-    torch.manual_seed(0)
-    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
-    make = lambda m: build_optimizer(m, "adamw", 1e-4, 0.05)  # noqa: E731
-    opt = make(proxy)
-    proxy.per_sample_loss(_tiny_batch(4, seed=10)).mean().backward()
-    opt.step()
-    opt.zero_grad()
+    proxy, opt = _stepped_proxy(1)
     before, state_before = copy.deepcopy(proxy.state_dict()), str(opt.state_dict()["state"])
     val = [_tiny_batch(3, seed=40 + s) for s in range(2)]
     held = [(list("abcd"), _tiny_batch(4, seed=30))]
 
-    def step(m, o, loss):
-        loss.backward()
-        o.step()
-        o.zero_grad()
-
-    got = judge_evidence(proxy, opt, val, held, 3, 2, 3e-3, make, step, NO_AMP, seed=7, progress=False)
+    got = judge_evidence(proxy, opt, val, held, 3, 2, 3e-3, _adamw, _adam_step, NO_AMP, seed=7, progress=False)
     assert all(torch.equal(before[k], v) for k, v in proxy.state_dict().items())
     assert str(opt.state_dict()["state"]) == state_before
-    judge, _ = trained_further(proxy, opt, distill._shuffled_cycle(val, 7), 3, 3e-3, make, step, NO_AMP,
+    judge, _ = trained_further(proxy, opt, distill._shuffled_cycle(val, 7), 3, 3e-3, _adamw, _adam_step, NO_AMP,
                                progress=False)
-    want = caption_evidence(judge, held, 2, NO_AMP)
-    assert got == pytest.approx(want, abs=1e-12)
-    on_held, _ = trained_further(proxy, opt, iter([b for _, b in held] * 3), 3, 3e-3, make, step, NO_AMP,
+    table = lambda evidence: np.stack([evidence[i] for i in "abcd"])  # noqa: E731
+    assert np.allclose(table(got), table(caption_evidence(judge, held, 2, NO_AMP)), atol=1e-12)
+    on_held, _ = trained_further(proxy, opt, iter([b for _, b in held] * 3), 3, 3e-3, _adamw, _adam_step, NO_AMP,
                                  progress=False)
-    assert got != pytest.approx(caption_evidence(on_held, held, 2, NO_AMP), abs=1e-6)
-    assert got != pytest.approx(caption_evidence(proxy, held, 2, NO_AMP), abs=1e-6)
+    assert not np.allclose(table(got), table(caption_evidence(on_held, held, 2, NO_AMP)), atol=1e-6)
+    assert not np.allclose(table(got), table(caption_evidence(proxy, held, 2, NO_AMP)), atol=1e-6)
 
 
 def test_snapshots_share_out_the_captions_and_vote_equally():
@@ -166,11 +180,14 @@ def test_a_checkpoint_distilled_before_a_setting_existed_counts_as_its_default()
         BilevelConfig(distill_swaps=1.0, distill_captions=4)
     with pytest.raises(ConfigError, match="distill_caption_head needs"):
         BilevelConfig(distill_caption_head="min")
+    with pytest.raises(ConfigError, match="distill_start must be 'loop' or 'fresh'"):
+        BilevelConfig(distill_start="proxy")
     with pytest.raises(ConfigError, match="must be '', 'min' or 'aux'"):
         BilevelConfig(distill_caption_head="both", distill_captions=4)
-    for bad in ({}, {"distill_captions": 4, "distill_swaps": 0.25}, {"distill_captions": 4, "distill_caption_head": "aux"}):
-        with pytest.raises(ConfigError, match="distill_judge_steps"):  # the judge's test is not a share
+    for bad in ({}, {"distill_captions": 4, "distill_caption_head": "aux"}):
+        with pytest.raises(ConfigError, match="distill_judge_steps"):  # the caption head's targets are shares
             BilevelConfig(distill_judge_steps=10, **bad)
+    assert BilevelConfig(distill_judge_steps=10, distill_captions=4, distill_swaps=0.25).distill_swaps == 0.25
     judged = RaterConfig(bilevel=BilevelConfig(estimator="lookahead", distill_steps=5, distill_captions=4,
                                                distill_judge_steps=10))
     assert needs_distillation(judged, {k: v for k, v in distill_settings(judged).items() if k != "distill_judge_steps"})
@@ -179,35 +196,23 @@ def test_a_checkpoint_distilled_before_a_setting_existed_counts_as_its_default()
 def test_trained_further_continues_adam_on_a_copy_at_the_given_lr():
     """Steps on a copy: the original and its optimiser are untouched; the copy equals AdamW carried on
     from the original's moments (step count included) at the new lr."""
-    torch.manual_seed(0)
-    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
-    make = lambda m: build_optimizer(m, "adamw", 1e-4, 0.05)  # noqa: E731
-    opt = make(proxy)
-    for s in range(2):
-        proxy.per_sample_loss(_tiny_batch(4, seed=10 + s)).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    proxy, opt = _stepped_proxy(2)
     before = copy.deepcopy(proxy.state_dict())
     state_before = copy.deepcopy(opt.state_dict())
     batches = [_tiny_batch(3, seed=20 + s) for s in range(3)]
 
-    def step(m, o, loss):
-        loss.backward()
-        o.step()
-        o.zero_grad()
-
-    twin, twin_opt = trained_further(proxy, opt, iter(batches), 3, 3e-3, make, step, NO_AMP, progress=False)
+    twin, twin_opt = trained_further(proxy, opt, iter(batches), 3, 3e-3, _adamw, _adam_step, NO_AMP, progress=False)
     assert all(torch.equal(before[k], v) for k, v in proxy.state_dict().items())
     assert {g["lr"] for g in opt.param_groups} == {1e-4} and {g["lr"] for g in twin_opt.param_groups} == {3e-3}
     assert str(opt.state_dict()["state"]) == str(state_before["state"])
 
     want = copy.deepcopy(proxy)
-    want_opt = make(want)
+    want_opt = _adamw(want)
     want_opt.load_state_dict(state_before)
     for group in want_opt.param_groups:  # weights with and without decay
         group["lr"] = 3e-3
     for b in batches:
-        step(want, want_opt, want.per_sample_loss(b).float().mean())  # the loss in fp32, as the stage takes it
+        _adam_step(want, want_opt, want.per_sample_loss(b).float().mean())  # the loss in fp32, as the stage takes it
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(twin.parameters(), want.parameters()))
     assert all(float(twin_opt.state[p]["step"]) == 5 for p in twin.parameters())
     assert not all(torch.allclose(a, b) for a, b in zip(twin.parameters(), proxy.parameters()))
@@ -217,29 +222,18 @@ def test_snapshot_signals_are_the_signals_of_the_proxy_trained_that_far():
     """Each point's signal equals ``pair_signal`` at a fresh copy trained that many steps on the same
     batch sequence (the one copy trained on from point to point changes nothing); the original proxy
     and its optimiser are untouched; captions are asked only where they were dealt."""
-    torch.manual_seed(0)
-    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
-    make = lambda m: build_optimizer(m, "adamw", 1e-4, 0.05)  # noqa: E731
-    opt = make(proxy)
-    proxy.per_sample_loss(_tiny_batch(4, seed=10)).mean().backward()
-    opt.step()
-    opt.zero_grad()
+    proxy, opt = _stepped_proxy(1)
     before, state_before = copy.deepcopy(proxy.state_dict()), str(opt.state_dict()["state"])
     batches = [_tiny_batch(3, seed=20 + s) for s in range(3)]
     held, val = [(list("abcd"), _tiny_batch(4, seed=30))], [_tiny_batch(4, seed=31)]
 
-    def step(m, o, loss):
-        loss.backward()
-        o.step()
-        o.zero_grad()
-
     ids, signals, agreements = snapshot_signals(proxy, opt, held, val, iter(batches), [0, 2, 3], 2, 1e-4, 3e-3,
-                                                make, step, NO_AMP, progress=False)
+                                                _adamw, _adam_step, NO_AMP, progress=False)
     assert ids == list("abcd") and len(signals) == 3 and len(agreements) == 2  # 2 captions over 3 points
     assert all(torch.equal(before[k], v) for k, v in proxy.state_dict().items())
     assert str(opt.state_dict()["state"]) == state_before
     for point, got in zip([0, 2, 3], signals):
-        m, o = trained_further(proxy, opt, iter(batches), point, 3e-3, make, step, NO_AMP, progress=False)
+        m, o = trained_further(proxy, opt, iter(batches), point, 3e-3, _adamw, _adam_step, NO_AMP, progress=False)
         want = pair_signal(m, o, val, held, 1e-4, NO_AMP)
         assert np.allclose(got, [want[i] for i in ids], rtol=1e-9, atol=0)
 
@@ -287,6 +281,33 @@ def test_swapped_target_is_the_pair_under_a_chance_level_caption_never_above_its
     at_chance = a <= 0.5  # a caption already at chance or worse: the pair's own target
     assert at_chance.any() and np.allclose(swapped[at_chance], own[at_chance])
     assert (swapped[~at_chance] < own[~at_chance]).mean() > 0.5  # good captions lose their credit
+
+
+def test_judged_swap_targets_grade_each_swapped_caption_by_the_judges_evidence():
+    rng = np.random.default_rng(2)
+    N, K = 300, 4
+    c, evidence = rng.normal(size=N), rng.normal(size=(N, K + 1))
+    evidence[:5, 3:] = np.nan  # pairs of a short batch: the judge asked two others only
+    got = judged_swap_targets(c, evidence)
+    assert got.shape == (N, K) and np.isnan(got[:5, 2:]).all() and not np.isnan(got[5:]).any()
+    own = combined_target(c, evidence[:, 0])
+    # brute force: min(z(c), the caption's evidence ranked among the own evidence), ranked among the own mins
+    z_c, e_own = rank_target(c), evidence[:, 0]
+    m = np.minimum(z_c, rank_target(e_own))
+    rank_among = lambda ref, x: ((ref < x).sum() + ((ref == x).sum() + 1) / 2) / (len(ref) + 1)  # noqa: E731
+    for i, r in zip(rng.choice(N, 30, replace=False), rng.integers(1, K + 1, size=30)):
+        if np.isnan(evidence[i, r]):
+            continue
+        m_ir = min(z_c[i], ndtri(rank_among(e_own, evidence[i, r])))
+        assert np.isclose(got[i, r - 1], ndtri(rank_among(m, m_ir)))
+    # a caption as good as the own one gives the own target; never above what the image allows (z(c))
+    same = judged_swap_targets(c, np.repeat(evidence[:, :1], K + 1, axis=1))
+    assert np.allclose(same, own[:, None])
+    assert np.all(got[5:] <= quantile_in(m, z_c)[5:, None] + 1e-12)
+    # a misaligned pair's image under a caption that fits it is better than the pair as it is
+    fits = evidence.copy()
+    fits[0, 0], fits[0, 1] = evidence[:, 0].min() - 1, evidence[:, 0].max() + 1
+    assert judged_swap_targets(c, fits)[0, 0] > combined_target(c, fits[:, 0])[0]
 
 
 def test_two_test_targets_give_each_head_its_own_test():
@@ -348,6 +369,29 @@ def test_with_swapped_captions_moves_another_rows_caption_and_its_target():
         moved = torch.tensor([not torch.equal(batch.text.pooled_BD[i], orig.text.pooled_BD[i]) for i in range(batch.B)])
         assert torch.equal(target_B2[moved], swap_B2[moved]) and torch.equal(target_B2[~moved], own_B2[~moved])
         assert moved.any()
+
+
+def test_with_swapped_captions_takes_the_judges_column_for_the_caption_it_moves():
+    """A (B, K) swapped table: a swapped row reads the caption r rows back, 1 <= r <= min(K, B - 1), one r
+    per batch, and its target is column r - 1; the other rows keep theirs."""
+    g = torch.Generator().manual_seed(3)
+    K = 3
+    batches = [(_tiny_batch(B, seed=s), torch.randn(B, generator=g), torch.randn(B, K, generator=g))
+               for s, B in enumerate([8] * 60 + [2] * 20)]
+    seen = set()
+    for (batch, target_B), (orig, own_B, table_BK) in zip(with_swapped_captions(batches, 0.5, seed=2), batches):
+        B, shifts = batch.B, set()
+        for i in range(B):
+            j = [j for j in range(B) if torch.equal(batch.text.pooled_BD[i], orig.text.pooled_BD[j])][0]
+            if j == i:
+                assert target_B[i] == own_B[i]
+                continue
+            r = (i - j) % B
+            assert 1 <= r <= min(K, B - 1) and target_B[i] == table_BK[i, r - 1]
+            shifts.add(r)
+        assert len(shifts) <= 1 and torch.equal(batch.idx_BL, orig.idx_BL)
+        seen |= {(B, r) for r in shifts}
+    assert seen == {(8, 1), (8, 2), (8, 3), (2, 1)}  # every shift the judge asked, none it did not
 
 
 def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(tiny_setup, monkeypatch):  # noqa: F811
@@ -428,6 +472,28 @@ def test_distillation_fits_the_rater_to_the_final_signal_and_a_rerun_skips_it(ti
         train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=12, distill_lr=1e-3,
                          distill_proxy_steps=4, distill_captions=2, distill_snapshots=2))
     monkeypatch.undo()
+    judge_cfg = dict(estimator="lookahead", distill_steps=12, distill_lr=1e-3, distill_proxy_steps=4,
+                     distill_captions=3, distill_snapshots=2, distill_judge_steps=3)
+    train_rater(_cfg(tiny_setup, "distill", **judge_cfg, distill_swaps=0.5))
+    judged = pd.read_parquet(cfg.output.run_dir / distill.JUDGE_FILE).set_index("id")
+    target = pd.read_parquet(cfg.output.run_dir / distill.TARGET_FILE).set_index("id")
+    assert list(judged.columns) == [f"evidence_{r}" for r in range(4)] and len(judged) == 64
+    assert np.allclose(target["agreement"], judged.loc[target.index, "evidence_0"])  # the own caption's
+    monkeypatch.setattr(distill, "judge_evidence", no_signal)  # another fit: the judge's table is reused
+    assert train_rater(_cfg(tiny_setup, "distill", **judge_cfg, distill_swaps=0.25))["distill_swaps"] == 0.25
+    monkeypatch.undo()
+    # a fit from a fresh rater: one step at a negligible rate leaves it where it started
+    fresh_cfg = _cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=1, distill_lr=1e-12,
+                     distill_start="fresh")
+    train_rater(fresh_cfg)
+    started = load_checkpoint(latest_checkpoint(cfg.output.run_dir))["rater"]
+    rng = torch.get_rng_state()
+    fresh = distill.fresh_rater_state(fresh_cfg, text.width)
+    assert torch.equal(rng, torch.get_rng_state())  # seeded on the side
+    assert all(torch.equal(v, distill.fresh_rater_state(fresh_cfg, text.width)[k]) for k, v in fresh.items())
+    for k, v in started.items():  # the group head, which the fit does not train, is the loop's
+        assert torch.allclose(v, online[k] if k.startswith("group_head.") else fresh[k], atol=1e-8)
+    assert not torch.allclose(online["instance_head.0.weight"], fresh["instance_head.0.weight"])
     train_rater(_cfg(tiny_setup, "distill", estimator="lookahead", distill_steps=0))
     undone = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
     assert undone["distilled"] is None and all(torch.equal(online[k], undone["rater"][k]) for k in online)

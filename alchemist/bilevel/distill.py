@@ -29,7 +29,8 @@ Options make the target steadier and let it, and the fit, see wrong captions (do
   dealt out over them. One proxy's signal jumps between nearby checkpoints; their average does not.
 - ``distill_swaps``: in the fit, that share of the rows get another row's caption and the target of a
   caption the proxy cannot confirm (``with_swapped_captions``), so that the rater sees far more wrong
-  captions than the data holds (off by default: docs/results.md measures what it trades).
+  captions than the data holds (off by default: docs/results.md measures what it trades). With the
+  judge, the target of the judge's evidence for that caption (``judged_swap_targets``).
 - ``distill_caption_head``: the rater gets a second head for the caption test in the fit
   (``Rater.add_caption_head``), fitted to z(a) and to the swapped rows' caption target, so that a lesson
   of the caption test (a caption that fits its image is good) reaches another head than the score
@@ -63,6 +64,7 @@ from tqdm.auto import tqdm
 from alchemist.batch import TokenBatch
 from alchemist.bilevel.estimators import alignment
 from alchemist.config import RaterConfig
+from alchemist.models.rater import Rater
 from alchemist.runtime import Runtime, make_stream
 from alchemist.utils.checkpoint import state_sha1
 from alchemist.utils.io import atomic_open
@@ -148,27 +150,32 @@ def caption_agreement(proxy: nn.Module, train: Iterable[tuple[list, TokenBatch]]
 
 @torch.no_grad()
 def caption_evidence(proxy: nn.Module, train: Iterable[tuple[list, TokenBatch]], others: int,
-                     autocast: Callable[[], object]) -> dict[str, float]:
-    """id -> log(P(own caption | image) / P(own caption)): the proxy's posterior of the pair's own caption
-    among it and the ``others`` next captions of its batch (rolled 1..``others`` rows on, cyclically; a
-    shift of at least the batch size is skipped), uniform prior, each caption's likelihood the image's
-    total token likelihood under it; 0 when no other caption is left (no evidence either way). ~log(n)
-    for a caption that alone explains its image, very negative when another one explains it much
-    better. Why not the share of wins (``caption_agreement``): it counts a caption that loses by a token
-    as one that loses by the whole image. The proxy is left as it was."""
+                     autocast: Callable[[], object]) -> dict[str, np.ndarray]:
+    """id -> (1 + ``others``,) evidence for each caption asked of the pair's image: log(P(caption | image) /
+    P(caption)), the proxy's posterior of that caption among the pair's own (first) and the ``others`` next
+    captions of its batch (rolled r = 1..``others`` rows on, cyclically: row i gets row (i - r)'s caption;
+    a shift of at least the batch size is skipped and its entry NaN), uniform prior, each caption's
+    likelihood the image's total token likelihood under it. The own caption's entry is 0 when no other
+    caption is left (no evidence either way), ~log(n) for a caption that alone explains its image, very
+    negative when another one explains it much better. Why not the share of wins (``caption_agreement``):
+    it counts a caption that loses by a token as one that loses by the whole image. The others' entries
+    grade the swapped captions of the fit (``judged_swap_targets``). The proxy is left as it was."""
     was_training = proxy.training
     proxy.eval()
-    out: dict[str, float] = {}
+    out: dict[str, np.ndarray] = {}
     for ids, batch in train:
         B = batch.B
-        texts = [torch.arange(B)] + [torch.roll(torch.arange(B), r) for r in range(1, others + 1) if r < B]
-        nll_BN = torch.zeros(B, len(texts), dtype=torch.float64, device=batch.idx_BL.device)  # totals of ~L nats
-        for n, rows in enumerate(texts):
-            shown = batch if n == 0 else dataclasses.replace(batch, text=batch.text.index(rows.to(nll_BN.device)))
+        shifts = [r for r in range(others + 1) if r < B]
+        nll_BN = torch.zeros(B, len(shifts), dtype=torch.float64, device=batch.idx_BL.device)  # totals of ~L nats
+        for n, r in enumerate(shifts):
+            rows = torch.roll(torch.arange(B, device=nll_BN.device), r)
+            shown = batch if r == 0 else dataclasses.replace(batch, text=batch.text.index(rows))
             with autocast():
                 nll_BN[:, n] = proxy.per_token_loss(shown).double().sum(dim=1)
-        evidence_B = -nll_BN[:, 0] - torch.logsumexp(-nll_BN, dim=1) + np.log(len(texts))
-        out.update(zip(map(str, ids), evidence_B.cpu().tolist()))
+        evidence_BN = -nll_BN - torch.logsumexp(-nll_BN, dim=1, keepdim=True) + np.log(len(shifts))
+        padded = np.full((B, others + 1), np.nan)
+        padded[:, :len(shifts)] = evidence_BN.cpu().numpy()
+        out.update(zip(map(str, ids), padded))
     proxy.train(was_training)
     return out
 
@@ -177,7 +184,7 @@ def judge_evidence(proxy: nn.Module, opt: torch.optim.Optimizer, val: list[Token
                    held: list[tuple[list, TokenBatch]], steps: int, captions: int, lr: float,
                    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
                    step: Callable[[nn.Module, torch.optim.Optimizer, torch.Tensor], object],
-                   autocast: Callable[[], object], seed: int, progress: bool = True) -> dict[str, float]:
+                   autocast: Callable[[], object], seed: int, progress: bool = True) -> dict[str, np.ndarray]:
     """``caption_evidence`` of the held pairs asked of the judge: a copy of ``proxy`` trained ``steps``
     plain steps on the validation batches (``trained_further``), which holds no wrong caption. Why not
     the copy trained on the held pairs: it learns their wrong captions along with the right ones, and
@@ -273,6 +280,23 @@ def swapped_target(c: np.ndarray, a: np.ndarray, chance: float = 0.5) -> np.ndar
     return quantile_in(own, np.minimum(own, quantile_in(a, np.array([chance]))))
 
 
+def judged_swap_targets(c: np.ndarray, evidence_NK: np.ndarray) -> np.ndarray:
+    """(N, K - 1) targets of each pair's image under the caption r = 1..K - 1 rows back (column r - 1), on the
+    scale of ``combined_target(c, evidence_NK[:, 0])``: min(z(c), the evidence for that caption placed
+    among the pairs' own evidence), placed among the pairs' own values. ``evidence_NK``: the judge's
+    ``caption_evidence``, own caption first; NaN where it did not ask (and then NaN: no loss). Why not
+    ``swapped_target``'s chance level: the judge says how well each caption fits, so a swapped caption
+    that happens to fit (the same digit) is taught as fitting, and one under which the image is a
+    misfit is taught as worse than a caption that merely says nothing."""
+    own, others = evidence_NK[:, 0], evidence_NK[:, 1:]
+    zc = rank_target(c)
+    asked = ~np.isnan(others)
+    out = np.full(others.shape, np.nan)
+    judged = np.minimum(np.broadcast_to(zc[:, None], others.shape)[asked], quantile_in(own, others[asked]))
+    out[asked] = quantile_in(np.minimum(zc, rank_target(own)), judged)
+    return out
+
+
 def two_test_targets(c: np.ndarray, a: np.ndarray, aux: bool = False,
                      chance: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
     """(N, 2) targets of (instance head, caption head) for each pair as it is and for its image under a
@@ -293,7 +317,9 @@ def with_swapped_captions(batches: Iterable[tuple[TokenBatch, torch.Tensor, torc
     """Each (batch, target_B, swapped_B) as (batch, target_B) with about ``share`` of its rows given the
     caption of the row a random shift on (one shift per batch, never 0) and their row of ``swapped_B``
     (``swapped_target``, or ``two_test_targets``' second table for a (B, 2) target; not capped by the
-    target of the pair the caption came from: that target mostly judges its image).
+    target of the pair the caption came from: that target mostly judges its image). A (B, K) table for a
+    (B,) target is the judge's (``judged_swap_targets``): the rows get the caption r rows back, r drawn
+    from 1..min(K, B - 1), and column r - 1.
     Why: the planted wrong captions are a few per cent of the pairs, too few for the rater to learn
     caption–image agreement from; every other caption of a batch is a wrong caption for free."""
     rng = np.random.default_rng(seed)
@@ -304,7 +330,11 @@ def with_swapped_captions(batches: Iterable[tuple[TokenBatch, torch.Tensor, torc
             yield batch, target_B
             continue
         src = np.arange(B)
-        src[rows] = (src[rows] + rng.integers(1, B)) % B
+        if swapped_B.dim() > target_B.dim():  # the judge's table: one column per caption it asked
+            r = int(rng.integers(1, min(swapped_B.shape[1], B - 1) + 1))
+            src[rows], swapped_B = (src[rows] - r) % B, swapped_B[:, r - 1]
+        else:
+            src[rows] = (src[rows] + rng.integers(1, B)) % B
         rows_B, src_B = torch.as_tensor(rows, device=target_B.device), torch.as_tensor(src, device=target_B.device)
         yield (dataclasses.replace(batch, text=batch.text.index(src_B)),
                torch.where(rows_B.view(-1, *[1] * (target_B.dim() - 1)), swapped_B, target_B))
@@ -355,6 +385,7 @@ def fit_rater(rater: nn.Module, step: Callable[[torch.Tensor], object],
 
 
 TARGET_FILE = "distill_target.parquet"
+JUDGE_FILE = "distill_judge.parquet"  # the judge's evidence for every caption it asked
 
 
 def target_key(cfg: RaterConfig, trainer: Any) -> dict[str, float | str]:
@@ -392,7 +423,8 @@ def distill_settings(cfg: RaterConfig) -> dict[str, float]:
     return {"distill_steps": b.distill_steps, "distill_lr": b.distill_lr, "distill_pairs": b.distill_pairs,
             "distill_proxy_steps": b.distill_proxy_steps, "distill_captions": b.distill_captions,
             "distill_snapshots": b.distill_snapshots, "distill_swaps": b.distill_swaps,
-            "distill_caption_head": b.distill_caption_head, "distill_judge_steps": b.distill_judge_steps}
+            "distill_caption_head": b.distill_caption_head, "distill_judge_steps": b.distill_judge_steps,
+            "distill_start": b.distill_start}
 
 
 def needs_distillation(cfg: RaterConfig, distilled: dict | None) -> bool:
@@ -402,12 +434,23 @@ def needs_distillation(cfg: RaterConfig, distilled: dict | None) -> bool:
                                                  any(distilled.get(k, default[k]) != v for k, v in settings.items()))
 
 
+def fresh_rater_state(cfg: RaterConfig, text_dim: int) -> dict[str, torch.Tensor]:
+    """The weights of a newly initialised rater of ``cfg``, seeded by ``cfg.seed`` + 6 (the global RNG is
+    left as it was). Why a fit may start there (``distill_start``): the loop's rater was trained on
+    another signal, and on the demo the fit from it ended at about 1.5 times the loss of a fit from a
+    fresh one (docs/results.md)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 6)
+        return Rater.from_config(cfg.model, text_dim, double_softmax=cfg.bilevel.double_softmax).state_dict()
+
+
 def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, val_table: pd.DataFrame,
                      rt: Runtime) -> dict[str, float]:
     """The stage ``train_rater`` runs after the bilevel loop when ``bilevel.distill_steps`` > 0: the
     final proxy's signal for ``bilevel.distill_pairs`` training pairs drawn at random (all of a
     smaller table), held featurised in memory, and the rater fitted to it on them, starting from the
-    rater the loop ended with (kept in the checkpoint as ``rater_online``); a checkpoint marked
+    rater the loop ended with (kept in the checkpoint as ``rater_online``) or, with ``distill_start`` =
+    "fresh", from a newly initialised one (``fresh_rater_state``); a checkpoint marked
     ``distilled`` with the settings (a rerun with the same ones skips the stage). ``trainer``: the
     ``BilevelTrainer`` after its loop. Every process computes the same signal and takes the same
     steps on the same batches, so the replicas stay equal without communication. The per-pair target
@@ -418,6 +461,10 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
         trainer.rater_online = {k: v.detach().clone() for k, v in trainer.rater.state_dict().items()}
     else:  # a redo with other settings starts from the rater the loop ended with
         trainer.rater.load_state_dict(trainer.rater_online)
+    if cfg.bilevel.distill_start == "fresh":  # the group head, which the fit does not train, stays the loop's
+        fresh = fresh_rater_state(cfg, trainer.rater.text_proj.in_features)
+        trainer.rater.load_state_dict({k: trainer.rater_online[k] if k.startswith("group_head.") else v
+                                       for k, v in fresh.items()})
     if cfg.bilevel.distill_caption_head:
         trainer.rater.add_caption_head()
     progress = trainer.is_main and cfg.logging.progress
@@ -436,11 +483,27 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
                              cfg.bilevel.distill_pairs))
     o, b = cfg.optim, cfg.bilevel
     path, key = cfg.output.run_dir / TARGET_FILE, target_key(cfg, trainer)
+    scaler = trainer.new_scaler()
+    make_opt = lambda m: build_optimizer(m, o.opt, o.tlr, o.twd, (o.beta1, o.beta2))  # noqa: E731
+    proxy_step = lambda m, opt, loss: trainer.optimizer_step(m, opt, loss, scaler)  # noqa: E731
+
+    def judged(ids: list[str]) -> np.ndarray:
+        """The judge's (N, 1 + K) evidence in ``ids``' order, kept beside the target (``JUDGE_FILE``)."""
+        judge_path = cfg.output.run_dir / JUDGE_FILE
+        saved = read_target(judge_path, key)
+        if saved is None:
+            evidence = judge_evidence(trainer.proxy, trainer.opt_proxy, val_batches, held, b.distill_judge_steps,
+                                      b.distill_captions, o.tlr, make_opt, proxy_step, trainer.autocast,
+                                      cfg.seed + 5, progress)
+            saved = pd.DataFrame(np.stack(list(evidence.values())),
+                                 columns=[f"evidence_{r}" for r in range(b.distill_captions + 1)])
+            saved.insert(0, "id", list(evidence))
+            if trainer.is_main:
+                write_target(judge_path, saved, key)
+        return saved.set_index("id").loc[ids].to_numpy()
+
     table = read_target(path, key)  # a redo with other fit settings only: the signal is as it was
     if table is None:
-        scaler = trainer.new_scaler()
-        make_opt = lambda m: build_optimizer(m, o.opt, o.tlr, o.twd, (o.beta1, o.beta2))  # noqa: E731
-        proxy_step = lambda m, opt, loss: trainer.optimizer_step(m, opt, loss, scaler)  # noqa: E731
         ids, signals, agreements = snapshot_signals(
             trainer.proxy, trainer.opt_proxy, held, val_batches,
             (batch for _, batch in _shuffled_cycle(held, cfg.seed + 3)),
@@ -449,10 +512,7 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
             trainer.autocast, progress)
         signal, agreement = mean_rank(signals), np.mean(agreements, axis=0) if agreements else None
         if b.distill_judge_steps:
-            evidence = judge_evidence(trainer.proxy, trainer.opt_proxy, val_batches, held, b.distill_judge_steps,
-                                      b.distill_captions, o.tlr, make_opt, proxy_step, trainer.autocast,
-                                      cfg.seed + 5, progress)
-            agreement = np.array([evidence[i] for i in ids])
+            agreement = judged(ids)[:, 0]
         table = pd.DataFrame({"id": ids, "signal": signal, "agreement": np.nan if agreement is None else agreement,
                               "target": combined_target(signal, agreement)})
         if trainer.is_main:
@@ -462,7 +522,11 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
         target, swapped = (dict(zip(ids, t)) for t in two_test_targets(c, a, aux=b.distill_caption_head == "aux"))
     else:
         target = dict(zip(ids, table["target"].to_numpy()))
-        swapped = dict(zip(ids, swapped_target(c, a))) if b.distill_swaps else target
+        if b.distill_swaps:
+            swapped = dict(zip(ids, judged_swap_targets(c, judged(ids)) if b.distill_judge_steps
+                               else swapped_target(c, a)))
+        else:
+            swapped = target
     as_tensor = lambda values, batch_ids, batch: torch.tensor(  # noqa: E731
         np.array([values[str(i)] for i in batch_ids]), dtype=torch.float32, device=batch.idx_BL.device)
     fitted = [(batch, as_tensor(target, batch_ids, batch), as_tensor(swapped, batch_ids, batch))
