@@ -437,8 +437,8 @@ def needs_distillation(cfg: RaterConfig, distilled: dict | None) -> bool:
 def fresh_rater_state(cfg: RaterConfig, text_dim: int) -> dict[str, torch.Tensor]:
     """The weights of a newly initialised rater of ``cfg``, seeded by ``cfg.seed`` + 6 (the global RNG is
     left as it was). Why a fit may start there (``distill_start``): the loop's rater was trained on
-    another signal, and on the demo the fit from it ended at about 1.5 times the loss of a fit from a
-    fresh one (docs/results.md)."""
+    another signal and can start the fit far from the target's scale; over 3 seeds the fresh start did
+    worse all the same (docs/results.md), so it is not the default."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 6)
         return Rater.from_config(cfg.model, text_dim, double_softmax=cfg.bilevel.double_softmax).state_dict()
