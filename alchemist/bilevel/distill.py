@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -487,8 +488,9 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
     make_opt = lambda m: build_optimizer(m, o.opt, o.tlr, o.twd, (o.beta1, o.beta2))  # noqa: E731
     proxy_step = lambda m, opt, loss: trainer.optimizer_step(m, opt, loss, scaler)  # noqa: E731
 
-    def judged(ids: list[str]) -> np.ndarray:
-        """The judge's (N, 1 + K) evidence in ``ids``' order, kept beside the target (``JUDGE_FILE``)."""
+    @functools.cache  # once per stage: the target and the swaps both ask, and only the main rank saves it
+    def judge_table() -> pd.DataFrame:
+        """The judge's (N, 1 + K) evidence by id, kept beside the target (``JUDGE_FILE``)."""
         judge_path = cfg.output.run_dir / JUDGE_FILE
         saved = read_target(judge_path, key)
         if saved is None:
@@ -500,7 +502,9 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
             saved.insert(0, "id", list(evidence))
             if trainer.is_main:
                 write_target(judge_path, saved, key)
-        return saved.set_index("id").loc[ids].to_numpy()
+        return saved.set_index("id")
+
+    judged = lambda ids: judge_table().loc[ids].to_numpy()  # noqa: E731  (in ``ids``' order)
 
     table = read_target(path, key)  # a redo with other fit settings only: the signal is as it was
     if table is None:
