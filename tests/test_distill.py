@@ -29,11 +29,21 @@ from tests.test_bilevel import PATCH_NUMS, _cfg, _tiny_batch, tiny_setup  # noqa
 NO_AMP = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
 
 
+def _tiny_proxy():
+    """A seeded tiny float64 proxy without drop-path, for comparisons with brute force."""
+    torch.manual_seed(0)
+    return Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
+
+
+def _image_with_caption(batch, i, j):
+    """Row ``i``'s image alone, shown with row ``j``'s caption."""
+    return dataclasses.replace(batch.index([i]), text=batch.text.index([j]))
+
+
 def test_pair_signal_is_each_pairs_gradient_along_adams_step_of_the_val_gradient():
     """c_i = ∇l_i(θ)·(v / (ŝ+eps)), v = ∇ of the mean val loss over all val batches; brute force:
     per-pair autograd gradients, float64."""
-    torch.manual_seed(0)
-    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
+    proxy = _tiny_proxy()
     params = list(proxy.parameters())
     opt = build_optimizer(proxy, "adamw", 3e-3, 0.05)
     for s in range(3):
@@ -67,16 +77,14 @@ def test_caption_agreement_is_the_share_of_other_captions_that_predict_the_image
     """Brute force: each pair's image scored alone with each caption it is compared with (the ones
     ``shifts`` rows before it in its batch, cyclically, shifts of at least the batch size left out),
     float64; a pair with none left gives 0.5."""
-    torch.manual_seed(0)
-    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
+    proxy = _tiny_proxy()
     batches = _caption_batches()
     got = caption_agreement(proxy, batches, shifts, NO_AMP)
     with torch.no_grad():
         for ids, batch in batches:
             B = batch.B
             for i, pid in enumerate(ids):
-                alone = lambda j: proxy.per_sample_loss(dataclasses.replace(  # noqa: E731
-                    batch.index([i]), text=batch.text.index([j]))).item()
+                alone = lambda j: proxy.per_sample_loss(_image_with_caption(batch, i, j)).item()  # noqa: E731
                 others = [(i - r) % B for r in shifts if r < B]
                 want = np.mean([alone(j) > alone(i) for j in others]) if others else 0.5
                 assert got[pid] == pytest.approx(want, abs=1e-6)
@@ -89,16 +97,14 @@ def test_caption_evidence_is_the_log_posterior_over_prior_of_each_caption_asked(
     the ones 1..``others`` rows before it in its batch, cyclically, shifts of at least the batch size
     left out and NaN), the total token loss as -log likelihood, float64; a pair with no other caption
     gives 0 for its own."""
-    torch.manual_seed(0)
-    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
+    proxy = _tiny_proxy()
     batches = _caption_batches()
     got = caption_evidence(proxy, batches, others, NO_AMP)
     with torch.no_grad():
         for ids, batch in batches:
             B = batch.B
             for i, pid in enumerate(ids):
-                nll = lambda j: proxy.per_token_loss(dataclasses.replace(  # noqa: E731
-                    batch.index([i]), text=batch.text.index([j]))).sum().item()
+                nll = lambda j: proxy.per_token_loss(_image_with_caption(batch, i, j)).sum().item()  # noqa: E731
                 asked = [(i - r) % B for r in range(others + 1) if r < B]
                 like = np.exp([-nll(j) for j in asked])
                 want = np.full(others + 1, np.nan)
@@ -123,8 +129,7 @@ def _adam_step(model, opt, loss):
 
 def _stepped_proxy(steps):
     """A tiny float64 proxy and its AdamW after ``steps`` updates, so that the optimiser has moments."""
-    torch.manual_seed(0)
-    proxy = Proxy(1, 16, 4, PATCH_NUMS, 8, drop_path_rate=0.0).double()
+    proxy = _tiny_proxy()
     opt = _adamw(proxy)
     for s in range(steps):
         _adam_step(proxy, opt, proxy.per_sample_loss(_tiny_batch(4, seed=10 + s)).mean())
