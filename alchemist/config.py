@@ -180,6 +180,9 @@ class BilevelConfig:
     # steps on the validation pairs (the judge), all distill_captions at once, its posterior of the own caption
     distill_start: str = "loop"  # the fit starts from "loop" (the rater the loop ended with) or "fresh" (a newly
     # initialised one, seeded by seed + 6)
+    distill_fits: int = 1  # independent fits of distill_steps each, from the same start in other batch orders;
+    # the rater's score is their mean logit (an ensemble: the fit's batch order alone moves a kind's AUROC)
+    distill_sche: str = "const"  # the fit's learning rate: "const", or "cos" (cosine decay to 0 over each fit)
     official_scale: bool = False  # proxy train term (1/B)·Σ softmax·l as in the official code;
     # default: weights rescaled to mean 1 so the train term is a weighted average of the losses
 
@@ -207,6 +210,9 @@ class BilevelConfig:
             "distill_caption_head (its targets are shares of captions, the judge's a posterior)")
         _check(self.distill_start in ("loop", "fresh"), "bilevel.distill_start must be 'loop' or 'fresh', got "
                f"{self.distill_start!r}")
+        _check(self.distill_fits >= 1, f"bilevel.distill_fits must be >= 1, got {self.distill_fits}")
+        _check(self.distill_sche in ("const", "cos"), "bilevel.distill_sche must be 'const' or 'cos', got "
+               f"{self.distill_sche!r}")
         _check(not (self.distill_steps and self.fix_proxy), "bilevel.distill_steps reads the proxy optimiser's "
                "state, and bilevel.fix_proxy=true has none")
         _check(self.rater_replay >= 0 and self.replay_size >= 1, "bilevel.rater_replay must be >= 0 and replay_size >= 1")

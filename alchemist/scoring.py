@@ -37,7 +37,7 @@ from alchemist.data.cache import CacheDataset, collate_cache
 from alchemist.data.pairs import DataError, PairsDataset, SkipLog, collate_pairs, load_pairs, reason_kind
 from alchemist.data.tokens import Featurizer
 from alchemist.models.blocks import compile_blocks
-from alchemist.models.rater import Rater
+from alchemist.models.rater import Rater, RaterEnsemble
 from alchemist.ratings import table_format, write_ratings
 from alchemist.runtime import amp_dtype, autocast, encoder_amp_dtype
 from alchemist.utils.checkpoint import CheckpointError, latest_checkpoint, state_sha1, torch_load
@@ -55,8 +55,9 @@ TRAINING_ONLY = {"train_csv_path": "", "val_csv_path": "", "cache_dir": "", "cap
 
 
 # ----------------------------------------------------------------------------- loading
-def load_rater(ckpt: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Rater, RaterConfig]:
-    """A checkpoint file or a run dir (its latest checkpoint) -> the eval-mode rater and its config.
+def load_rater(ckpt: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Rater | RaterEnsemble, RaterConfig]:
+    """A checkpoint file or a run dir (its latest checkpoint) -> the eval-mode rater (an ensemble when the
+    distillation stage kept several fits) and its config.
 
     The text width is read from the weights, so no text encoder is loaded here. The rater is built
     without the trainer's optional second softmax: ``official_score`` is what the official scoring
@@ -79,8 +80,12 @@ def load_rater(ckpt: str | os.PathLike, device: torch.device | str = "cpu") -> t
     cfg = config_from_dict(RaterConfig, state["config"])
     text_dim = state["rater"]["text_proj.weight"].shape[1]
     # eager here: build_scorer compiles it when the scoring config asks for it
-    rater = build_rater(dataclasses.replace(cfg.model, compile=""), text_dim, torch.device(device), double_softmax=False)
-    rater.load_state_dict(state["rater"])
+    raters = []
+    for weights in [state["rater"], *(state.get("rater_members") or [])]:  # an ensemble: bilevel.distill_fits
+        raters.append(build_rater(dataclasses.replace(cfg.model, compile=""), text_dim, torch.device(device),
+                                  double_softmax=False))
+        raters[-1].load_state_dict(weights)
+    rater = RaterEnsemble(raters) if len(raters) > 1 else raters[0]
     return rater.eval().requires_grad_(False), cfg
 
 

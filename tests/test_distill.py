@@ -22,6 +22,8 @@ from alchemist.config import BilevelConfig, ConfigError, RaterConfig
 from alchemist.data.pairs import PairsDataset, collate_pairs, load_pairs
 from alchemist.data.tokens import Featurizer
 from alchemist.models.proxy import Proxy
+from alchemist.models.rater import Rater, RaterEnsemble
+from alchemist.scoring import load_rater
 from alchemist.utils.checkpoint import latest_checkpoint, load_checkpoint, state_sha1
 from alchemist.utils.optim import build_optimizer
 from tests.test_bilevel import PATCH_NUMS, _cfg, _tiny_batch, tiny_setup  # noqa: F401 (a fixture)
@@ -513,3 +515,84 @@ def test_state_sha1_names_the_weights_bit_for_bit():
         twin[0].weight[1, 2] = torch.nextafter(twin[0].weight[1, 2], torch.tensor(1.0))  # one ulp of one weight
     assert state_sha1(m) != state_sha1(twin)
     assert state_sha1(copy.deepcopy(m).to(torch.bfloat16)) != state_sha1(m)  # bf16 states too
+
+
+def test_fit_lr_factor_is_one_or_a_cosine_to_zero():
+    const, cos = distill.fit_lr_factor("const", 4), distill.fit_lr_factor("cos", 4)
+    assert [const(t) for t in range(6)] == [1.0] * 6
+    expected = [0.5 * (1 + np.cos(np.pi * t / 4)) for t in range(5)]
+    assert np.allclose([cos(t) for t in range(5)], expected) and cos(0) == 1.0 and abs(cos(4)) < 1e-12
+    assert cos(9) == cos(4)  # held at 0 past the end
+    assert [distill.fit_seed(7, k) for k in range(3)] == [7, 17, 27]
+    with pytest.raises(ConfigError, match="distill_fits must be >= 1"):
+        BilevelConfig(distill_fits=0)
+    with pytest.raises(ConfigError, match="distill_sche must be 'const' or 'cos'"):
+        BilevelConfig(distill_sche="linear")
+
+
+def test_an_ensemble_of_fits_scores_the_mean_of_its_members_first_member_the_single_fit(tiny_setup, monkeypatch):  # noqa: F811
+    """``distill_fits`` = 3: the checkpoint's rater is bit for bit the single fit, the two others are fits
+    in other orders, and the scorer infer_rater loads is their mean logit; ``distill_sche`` = "cos" steps
+    at the decayed rate; a rerun keeps the ensemble and ``distill_steps`` = 0 removes it."""
+    base = dict(estimator="lookahead", distill_steps=6, distill_lr=3e-3)
+    cfg = _cfg(tiny_setup, "ensemble", **base)
+    train_rater(cfg)
+    single = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
+    assert single["rater_members"] is None and isinstance(load_rater(cfg.output.run_dir)[0], Rater)
+
+    summary = train_rater(_cfg(tiny_setup, "ensemble", **base, distill_fits=3))
+    ck = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
+    assert summary["distill_steps_taken"] == 18 and summary["distill_fits"] == 3
+    assert all(torch.equal(single["rater"][k], v) for k, v in ck["rater"].items())  # member 0: the single fit
+    members = [ck["rater"], *ck["rater_members"]]
+    assert len(members) == 3
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert not torch.equal(members[a]["instance_head.2.weight"], members[b]["instance_head.2.weight"])
+    for k in members[0]:  # every fit starts from the loop's rater; the group head is not fitted
+        if k.startswith("group_head."):
+            assert all(torch.equal(m[k], ck["rater_online"][k]) for m in members)
+
+    cpu = torch.device("cpu")
+    text = build_text_encoder(cfg.model, cpu)
+    featurize = Featurizer(build_tokenizer(cfg.model, cpu), text, cpu)
+    table = load_pairs(cfg.data.train_csv_path, cfg.data)
+    ds = PairsDataset(table, cfg.data.image_size)
+    batch = featurize(collate_pairs([ds[i] for i in range(24)]))
+    ensemble, _ = load_rater(cfg.output.run_dir)
+    assert isinstance(ensemble, RaterEnsemble)
+    outs = []
+    for m in members:  # brute force: each member alone, as a single rater
+        rater = build_rater(cfg.model, text.width, cpu).eval()
+        rater.load_state_dict(m)
+        with torch.no_grad():
+            outs.append(rater(batch))
+    with torch.no_grad():
+        out = ensemble(batch)
+        split = ensemble.heads(ensemble.pooled(batch))
+    assert torch.allclose(out.logit_B, torch.stack([o.logit_B for o in outs]).mean(0), atol=1e-6)
+    assert torch.allclose(out.weight_B, torch.stack([o.weight_B for o in outs]).mean(0), atol=1e-7)
+    assert torch.equal(split.logit_B, out.logit_B) and len(ensemble.blocks) == 3 * len(rater.blocks)
+    assert not torch.allclose(out.logit_B, outs[0].logit_B)
+
+    train_rater(_cfg(tiny_setup, "ensemble", **base, distill_fits=3))  # done with these settings: kept as it is
+    again = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(again["rater_members"], ck["rater_members"]) for k in a)
+
+    rates = []
+    real_build = distill.build_optimizer
+
+    def recording(*args, **kwargs):  # every update's learning rate, as the optimiser applies it
+        opt = real_build(*args, **kwargs)
+        opt.register_step_pre_hook(lambda o, a, k: rates.append(o.param_groups[0]["lr"]))
+        return opt
+    monkeypatch.setattr(distill, "build_optimizer", recording)
+    train_rater(_cfg(tiny_setup, "ensemble", **base, distill_fits=2, distill_sche="cos"))
+    cos = [3e-3 * 0.5 * (1 + np.cos(np.pi * t / 6)) for t in range(6)]
+    assert np.allclose(rates, cos + cos) and rates[0] == 3e-3  # each fit decays from the full rate
+    monkeypatch.undo()
+
+    train_rater(_cfg(tiny_setup, "ensemble", estimator="lookahead", distill_steps=0))
+    undone = load_checkpoint(latest_checkpoint(cfg.output.run_dir))
+    assert undone["rater_members"] is None and isinstance(load_rater(cfg.output.run_dir)[0], Rater)
+    with pytest.raises(ValueError, match="at least 2"):
+        RaterEnsemble([rater])

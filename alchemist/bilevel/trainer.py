@@ -50,6 +50,7 @@ class BilevelTrainer(TrainLoop):
         # the distillation stage's record, and the rater the loop ended with (bilevel/distill.py)
         self.distilled: dict[str, float] | None = None
         self.rater_online: dict[str, torch.Tensor] | None = None
+        self.rater_members: list[dict[str, torch.Tensor]] | None = None  # the ensemble's fits after the first
 
     def epoch_batches(self) -> Iterator[tuple]:
         """One pass over the validation loader, each batch paired with the next training batch."""
@@ -155,7 +156,8 @@ class BilevelTrainer(TrainLoop):
                 "opt_proxy": None if self.opt_proxy is None else self.opt_proxy.state_dict(),
                 "opt_rater": self.opt_rater.state_dict(), "scalers": [s.state_dict() for s in self.scalers],
                 "estimator": self.estimator.state_dict(), "replay": self.replay.state_dict(),
-                "distilled": self.distilled, "rater_online": self.rater_online}
+                "distilled": self.distilled, "rater_online": self.rater_online,
+                "rater_members": self.rater_members}
 
     def load_extra_state(self, ckpt: dict[str, Any]) -> None:
         self.proxy.load_state_dict(ckpt["proxy"])
@@ -168,5 +170,6 @@ class BilevelTrainer(TrainLoop):
         self.estimator.load_state_dict(ckpt["estimator"])
         self.replay.load_state_dict(ckpt.get("replay", []), self.device)
         self.distilled, self.rater_online = ckpt.get("distilled"), ckpt.get("rater_online")
+        self.rater_members = ckpt.get("rater_members")
         self.val.epoch, self.val.used = ckpt["val_pos"]
         self.train.epoch, self.train.used = ckpt["train_pos"]
