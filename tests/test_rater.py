@@ -60,7 +60,8 @@ def test_only_the_full_image_rater_sees_the_last_scale():
     assert torch.equal(x_BLC[0], x_BLC[1]) and not torch.equal(final_BlC[0], final_BlC[1])
     official = tiny_rater(full_image=False)(batch).logit_B
     full = tiny_rater()(batch).logit_B
-    assert official[0] == official[1]
+    # equal up to the rounding of two rows of one matmul, which some CPUs' kernels do differently
+    assert (official[0] - official[1]).abs() < 1e-6
     assert (full[0] - full[1]).abs() > 1e-4
     assert "final_embed" not in dict(tiny_rater(full_image=False).named_parameters())
 
