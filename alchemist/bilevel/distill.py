@@ -45,7 +45,8 @@ Options make the target steadier and let it, and the fit, see wrong captions (do
 - ``distill_fits``: that many fits, each from the same start in its own batch order, kept as an ensemble
   whose score is their mean logit (``RaterEnsemble``); ``distill_sche`` = "cos" decays each fit's
   learning rate to 0. Both answer the fit's own variance: one batch order against another moves a
-  kind's AUROC by up to 0.18 on one target.
+  kind's AUROC by up to 0.18 on one target. Over 3 seeds neither closed the gap to the target, which
+  is the fit's bias more than its variance (docs/results.md, "Averaging over fits"), so both are off.
 """
 from __future__ import annotations
 
