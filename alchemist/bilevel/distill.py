@@ -464,7 +464,7 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
     that a redo with other fit settings (``distill_steps``, ``distill_lr``) skips the signal."""
     t0 = time.perf_counter()
     if trainer.rater_online is None:
-        trainer.rater_online = {k: v.detach().clone() for k, v in trainer.rater.state_dict().items()}
+        trainer.rater_online = _state_copy(trainer.rater)
     else:  # a redo with other settings starts from the rater the loop ended with
         trainer.rater.load_state_dict(trainer.rater_online)
     if cfg.bilevel.distill_start == "fresh":  # the group head, which the fit does not train, stays the loop's
@@ -540,12 +540,12 @@ def run_distillation(cfg: RaterConfig, trainer: Any, train_table: pd.DataFrame, 
         np.array([values[str(i)] for i in batch_ids]), dtype=torch.float32, device=batch.idx_BL.device)
     fitted = [(batch, as_tensor(target, batch_ids, batch), as_tensor(swapped, batch_ids, batch))
               for batch_ids, batch in held]
-    start = {k: v.detach().clone() for k, v in trainer.rater.state_dict().items()}
+    start = _state_copy(trainer.rater)
     members, losses = [], []
     for k in range(b.distill_fits):  # member 0 takes the batch order a single fit takes
         trainer.rater.load_state_dict(start)
         losses.append(_fit_member(cfg, trainer, fitted, fit_seed(cfg.seed, k), progress))
-        members.append({n: v.detach().clone() for n, v in trainer.rater.state_dict().items()})
+        members.append(_state_copy(trainer.rater))
     trainer.rater.load_state_dict(members[0])
     trainer.rater_members = members[1:] or None
     trainer.rater.eval()
@@ -595,6 +595,11 @@ def undo_distillation(trainer: Any) -> None:
     trainer.rater.load_state_dict(trainer.rater_online)
     trainer.distilled = trainer.rater_online = trainer.rater_members = None
     trainer.save()
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the weights, which later steps on ``model`` leave as they are."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _first_pairs(batches: Iterable[tuple[list, TokenBatch]], n: int) -> Iterator[tuple[list, TokenBatch]]:
