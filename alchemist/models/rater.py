@@ -144,10 +144,7 @@ class RaterEnsemble(nn.Module):
         """(B, ΣC): the members' pooled features side by side."""
         return torch.cat([m.pooled(batch) for m in self.members], dim=1)
 
-    def forward(self, batch: TokenBatch) -> RaterOutput:
-        p_BC = self.pooled(batch)
-        with torch.autocast(p_BC.device.type, enabled=False):
-            return self.heads(p_BC)
+    forward = Rater.forward  # pooled, then the heads in fp32: the same path as one rater's
 
     def heads(self, p_BC: Tensor) -> RaterOutput:
         outs = [m.heads(p) for m, p in zip(self.members, p_BC.split(self.widths, dim=1))]
