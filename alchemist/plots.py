@@ -27,10 +27,11 @@ _CURVE_N = 200_000  # rows on which the (large-N) expected inclusion curve is ev
 
 
 def plot_selection(ratings: pd.DataFrame, strategy: str, retention: float | int, out: str | os.PathLike,
-                   seed: int = 0, bins: int = 100, **params) -> Path:
-    """Score histogram and selection-by-rank panel of one strategy; returns the PNG path."""
+                   seed: int = 0, bins: int = 100, reference: np.ndarray | None = None, **params) -> Path:
+    """Score histogram and selection-by-rank panel of one strategy (``reference``: as in ``select``);
+    returns the PNG path."""
     n = len(ratings)
-    params = resolve_params(strategy, n, retention, ratings["score"].to_numpy(dtype=np.float64), **params)
+    params = resolve_params(strategy, n, retention, ratings["score"].to_numpy(dtype=np.float64), reference, **params)
     rows = select(ratings, strategy, retention, seed, **params)
     k = len(rows)
     ranks = ratings["rank"].to_numpy()[rows]

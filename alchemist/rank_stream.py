@@ -124,9 +124,9 @@ class StreamRanker:
 
 
 def keep_mask(ranker: StreamRanker, strategy: str, retention: float | int, seed: int = 0,
-              **params) -> tuple[np.ndarray, dict[str, float]]:
+              reference: np.ndarray | None = None, **params) -> tuple[np.ndarray, dict[str, float]]:
     """(kept[rank position] as a bool array of N, the parameters used), as ``prune_table`` selects."""
-    used = resolve_params(strategy, ranker.n, retention, ranker.sorted_scores, **params)
+    used = resolve_params(strategy, ranker.n, retention, ranker.sorted_scores, reference, **params)
     keep = np.zeros(ranker.n, bool)
     keep[select(ranker.n, strategy, retention, seed, **used)] = True
     return keep, used
@@ -134,15 +134,16 @@ def keep_mask(ranker: StreamRanker, strategy: str, retention: float | int, seed:
 
 def prune_stream(files: Sequence[Path], strategy: str, retention: float | int, seed: int = 0, *,
                  out: str | os.PathLike | None = None, keep_dir: str | os.PathLike | None = None,
-                 chunk_rows: int = DEFAULT_CHUNK_ROWS, **params) -> dict:
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS, reference: np.ndarray | None = None, **params) -> dict:
     """Select from per-file ratings and write the subset as
       * ``out`` ``.npy``: the kept ids sorted (DataComp's subset format: 128-bit hex uids as sorted
         ``(u8, u8)`` pairs when every id is one, else a sorted string array);
       * ``out`` ``.parquet`` / ``.csv``: the kept ids with score and rank, in rank order;
       * ``keep_dir``: each input file again, same name, with ``rank`` (-1: skipped) and a boolean ``keep``.
+    ``reference``: trusted pairs' scores for Shift-Gsample's tail, as in ``selection.select``.
     Returns n, kept, the parameters used and the kept ranks' histogram input (``kept_ranks``)."""
     ranker = StreamRanker(files, chunk_rows)
-    keep, used = keep_mask(ranker, strategy, retention, seed, **params)
+    keep, used = keep_mask(ranker, strategy, retention, seed, reference, **params)
     kept_ids, kept_scores, kept_ranks = [], [], []
     writers: dict[Path, tuple[pq.ParquetWriter, Iterator[pa.RecordBatch]]] = {}
     if keep_dir is not None:

@@ -16,11 +16,11 @@ Strategies (parameters are fractions of N, like ``pos``):
 
 µ and σ are unpublished; the paper's figure peaks near pos 0.5-0.55 with support 0.25-0.85.
 Shift-Gsample's defaults follow one rule, written down before the outcomes it was judged on were seen
-(``resolve_params``; docs/selection.md): the tail is every row below the top mode of the scores when they
-are clearly multimodal (two-Gaussian fits with Ashman's D > 2, repeated on the rows above each cut: the
-junk the rater found) and the paper's 0.15 otherwise; the
-shift is the paper's, shrunk when the support left would hold fewer than K rows; the Gaussian is
-centred on the support with ±2σ spanning it (support 0.25-0.85 gives µ 0.55, σ 0.15).
+(``resolve_params``; docs/selection.md): the tail is the junk share of the rated rows estimated against
+a *reference*, the rater's scores of trusted pairs (its validation set): Storey's estimate with λ at
+the reference's median (``junk_share``), at least the paper's 0.15, which is also the tail without a
+reference; the shift is the paper's, shrunk when the support left would hold fewer than K rows; the
+Gaussian is centred on the support with ±2σ spanning it (support 0.25-0.85 gives µ 0.55, σ 0.15).
 Plain ``gsample`` keeps fixed defaults µ 0.55, σ 0.15 and no cut.
 """
 from __future__ import annotations
@@ -50,8 +50,7 @@ DEFAULT_BLOCK_START = 0.4  # the paper's best windows start around s0.4-s0.6
 # 80 %, 0.05 at 90 %), linear in between and down to 0 at 100 % so every K stays feasible.
 SHIFT_KNOTS = ((0.0, 0.5, 0.8, 0.9, 1.0), (0.25, 0.25, 0.15, 0.05, 0.0))
 DEFAULT_TAIL = 0.15  # the paper's figure: no selection below pos 0.85
-BIMODAL_D = 2.0  # Ashman's D above which two score groups count as separate modes
-MIN_ROWS_FOR_MODES = 200  # fewer scores than this: no mixture fit (50 Gaussian draws can fake two modes)
+MIN_REFERENCE = 50  # fewer trusted scores than this give too loose a median to estimate junk from
 
 
 def default_shift(fraction: float) -> float:
@@ -59,60 +58,36 @@ def default_shift(fraction: float) -> float:
     return float(np.interp(fraction, *SHIFT_KNOTS))
 
 
-def junk_tail(scores: np.ndarray) -> float | None:
-    """The share of rows below the top mode of the scores, or None when they are not clearly bimodal.
+def junk_share(scores: np.ndarray, reference: np.ndarray) -> float:
+    """The estimated share of junk among rated rows, given the same rater's scores of trusted pairs.
 
-    The low mode of a two-Gaussian fit (``_low_mode_share``) is cut, and the same test is applied
-    again to the rows above the cut, until they are not clearly bimodal: a ranking can hold several
-    junk groups (digits: noise at the bottom, blank scans just below the clean ones), and one split
-    finds only the lowest."""
-    s_N = np.sort(np.asarray(scores, dtype=np.float64))
-    cut = 0
-    while (share := _low_mode_share(s_N[cut:])) is not None and (rows := round(share * (len(s_N) - cut))) > 0:
-        cut += rows
-    return cut / len(s_N) if cut else None
+    Storey's estimator with λ at the reference's median m: a good row scores above m with probability
+    ½, junk (which scores lower) less often, so the good share is about 2·P(score > m) (ties count
+    half), capped at 1. Continuous in the scores, unlike a test for modes, so a ranking that moves a
+    little moves the cut a little."""
+    s = np.asarray(scores, dtype=np.float64)
+    m = float(np.median(check_reference(reference)))
+    above = (np.count_nonzero(s > m) + 0.5 * np.count_nonzero(s == m)) / len(s)
+    return float(max(0.0, 1.0 - 2.0 * above))
 
 
-def _low_mode_share(s_N: np.ndarray) -> float | None:
-    """The share of the sorted scores ``s_N`` in their low mode, or None when they are not clearly
-    bimodal. A two-Gaussian mixture fitted by EM (started from Otsu's split, on ≤ 100k evenly spaced
-    quantiles of the scores, so deterministic and fast at any N); the modes count as separate when
-    Ashman's D = √2·|µ₁ − µ₀| / √(σ₀² + σ₁²) of the fitted components exceeds ``BIMODAL_D``, and the
-    share is that of the rows the low component explains better."""
-    n = len(s_N)
-    if n < MIN_ROWS_FOR_MODES or s_N[0] == s_N[-1]:
-        return None
-    x = s_N[np.linspace(0, n - 1, min(n, 100_000)).round().astype(np.int64)]
-    x = (x - x.mean()) / x.std()
-    k = np.arange(1, len(x))
-    c = np.cumsum(x)[:-1]
-    cut = int(np.argmax(k * (len(x) - k) * (c / k + c / (len(x) - k)) ** 2)) + 1  # Otsu
-    resp = (np.arange(len(x)) < cut).astype(np.float64)  # P(low component | x)
-    for _ in range(200):
-        w0 = resp.mean()
-        if not 0 < w0 < 1:
-            return None
-        m0, m1 = (resp * x).sum() / resp.sum(), ((1 - resp) * x).sum() / (1 - resp).sum()
-        v0 = max((resp * (x - m0) ** 2).sum() / resp.sum(), 1e-6)
-        v1 = max(((1 - resp) * (x - m1) ** 2).sum() / (1 - resp).sum(), 1e-6)
-        log0 = np.log(w0) - 0.5 * np.log(v0) - (x - m0) ** 2 / (2 * v0)
-        log1 = np.log(1 - w0) - 0.5 * np.log(v1) - (x - m1) ** 2 / (2 * v1)
-        new = 1.0 / (1.0 + np.exp(np.clip(log1 - log0, -700, 700)))
-        if np.abs(new - resp).max() < 1e-8:
-            break
-        resp = new
-    if m0 > m1:
-        m0, m1, v0, v1, resp = m1, m0, v1, v0, 1 - resp
-    d = math.sqrt(2) * (m1 - m0) / math.sqrt(v0 + v1)
-    return float((resp > 0.5).mean()) if d > BIMODAL_D else None
+def check_reference(reference: Any) -> np.ndarray:
+    """The reference scores as a float array, or a UserError saying what is wrong with them."""
+    ref = np.asarray(reference, dtype=np.float64)
+    if ref.ndim != 1 or len(ref) < MIN_REFERENCE:
+        raise UserError(f"the reference needs at least {MIN_REFERENCE} scores of trusted pairs (a 1-D array), "
+                        f"got shape {ref.shape}; score the rater's validation set with infer_rater.py")
+    if not np.isfinite(ref).all():
+        raise UserError(f"{int((~np.isfinite(ref)).sum())} reference scores are not finite")
+    return ref
 
 
 def resolve_params(strategy: str, n_total: int, retention: float | int, scores: np.ndarray | None = None,
-                   **params) -> dict[str, float]:
+                   reference: np.ndarray | None = None, **params) -> dict[str, float]:
     """A strategy's parameters with every default filled in (the values ``select`` uses).
 
-    Shift-Gsample keeping r = K/N: tail t = ``junk_tail(scores)`` (needs scores; else ``DEFAULT_TAIL``),
-    at most 1 − r; shift n = ``default_shift(r)``, at most 1 − t − r; µ = the support's centre and
+    Shift-Gsample keeping r = K/N: tail t = max(``DEFAULT_TAIL``, ``junk_share(scores, reference)``)
+    (``DEFAULT_TAIL`` without both), at most 1 − r; shift n = ``default_shift(r)``, at most 1 − t − r; µ = the support's centre and
     σ = its width / 4. Explicit values are kept (an infeasible pair is an error in ``select``)."""
     strategy, params = _check_params(strategy, params)
     k = n_select(n_total, retention)
@@ -126,9 +101,9 @@ def resolve_params(strategy: str, n_total: int, retention: float | int, scores: 
     r = k / n_total
     tail = params.get("tail")
     if tail is None:  # in whole rows, so that the window select() cuts holds K rows exactly
-        found = junk_tail(scores) if scores is not None else None
+        found = junk_share(scores, reference) if scores is not None and reference is not None else 0.0
         room = n_total - k - (_first_at_or_after(params["shift"], n_total) if "shift" in params else 0)
-        tail = max(0, min(_tail_rows(DEFAULT_TAIL if found is None else found, n_total), room)) / n_total
+        tail = max(0, min(_tail_rows(max(DEFAULT_TAIL, found), n_total), room)) / n_total
     shift = params.get("shift")
     if shift is None:
         end = n_total - _tail_rows(tail, n_total)
@@ -161,19 +136,21 @@ def parse_retention(text: str) -> float | int:
     return int(text) if text.isdigit() else float(text)
 
 
-def select(ratings: Any, strategy: str, retention: float | int, seed: int = 0, **params) -> np.ndarray:
+def select(ratings: Any, strategy: str, retention: float | int, seed: int = 0, reference: Any = None,
+           **params) -> np.ndarray:
     """Indices of the rows to keep, ordered best rank first.
 
     ``ratings`` is one of
       * an int N: the rows are already in rank order; the result are rank positions;
       * a DataFrame with ``rank`` (or else ``score``): the result are row positions (``iloc``);
       * a 1-D array of scores (higher = better, ties by row order): positions into it.
-    ``retention`` is a fraction (float in (0, 1]) or a count (int). Unknown strategies,
-    parameters or infeasible requests raise ValueError naming the fix.
+    ``retention`` is a fraction (float in (0, 1]) or a count (int). ``reference``: the same rater's
+    scores of trusted pairs, from which Shift-Gsample's default tail is estimated (``junk_share``).
+    Unknown strategies, parameters or infeasible requests raise ValueError naming the fix.
     """
     n, order = _rank_order(ratings)
     k = n_select(n, retention)
-    params = resolve_params(strategy, n, k, _scores(ratings), **params)
+    params = resolve_params(strategy, n, k, _scores(ratings), reference, **params)
     pos = _select_positions(n, k, strategy, seed, params)
     return pos if order is None else order[pos]
 
@@ -233,9 +210,9 @@ def rank_histogram(positions: np.ndarray, n_total: int, bins: int = 10) -> np.nd
 
 
 def prune_table(ratings: pd.DataFrame, strategy: str, retention: float | int, seed: int = 0,
-                keep_scores: bool = False, **params) -> pd.DataFrame:
+                keep_scores: bool = False, reference: Any = None, **params) -> pd.DataFrame:
     """The selected rows of a ratings table, in rank order; score/rank dropped unless kept."""
-    rows = select(ratings, strategy, retention, seed, **params)
+    rows = select(ratings, strategy, retention, seed, reference, **params)
     subset = ratings.iloc[rows]
     if not keep_scores:
         subset = subset.drop(columns=[c for c in ("score", "rank") if c in subset.columns])

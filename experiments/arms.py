@@ -103,12 +103,14 @@ def choose_heuristics(cfg: ExperimentConfig, quality: dict[str, dict]) -> tuple[
 
 
 # ----------------------------------------------------------------------------- subsets
-def subset_ids(arm: Arm, seed: int, rankings: dict[str, pd.DataFrame], universe: pd.Series) -> list[str]:
-    """The ids one arm keeps for one seed (selection seed = seed)."""
+def subset_ids(arm: Arm, seed: int, rankings: dict[str, pd.DataFrame], universe: pd.Series,
+               references: dict[str, np.ndarray] | None = None) -> list[str]:
+    """The ids one arm keeps for one seed (selection seed = seed); ``references``: per ranking source,
+    the same scorer's scores of trusted pairs (Shift-Gsample's tail, ``selection.select``)."""
     if arm.source == "all":
         return universe.astype(str).tolist()
     table = rankings[arm.source]
-    kept = prune_table(table, arm.strategy, arm.retention, seed=seed)
+    kept = prune_table(table, arm.strategy, arm.retention, seed=seed, reference=(references or {}).get(arm.source))
     return kept["id"].astype(str).tolist()
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -23,7 +24,7 @@ from alchemist.evaluation.train import train_t2i
 from alchemist.plots import plot_rank_bands, plot_selection
 from alchemist.ratings import read_ratings, write_ratings
 from alchemist.scoring import rate_file, shards_dir
-from alchemist.selection import prune_table
+from alchemist.selection import junk_share, prune_table, resolve_params
 from alchemist.tokenizer_training import train_tokenizer_for, use_bundled_tokenizer
 from alchemist.utils.checkpoint import latest_checkpoint
 from alchemist.utils.errors import UserError
@@ -98,26 +99,23 @@ def run_demo(out: str | Path = "runs/demo", n_train: int = 2000, n_val: int = 50
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items() if not k.startswith("L_val_s")})
     done(t)
 
-    t = stage("4. scoring the training set")
-    ratings_path = out / "ratings.parquet"
-    if ratings_path.exists() and ratings_path.stat().st_mtime >= latest_checkpoint(cfg.output.run_dir).stat().st_mtime:
-        print(f"reusing {ratings_path}")
-    else:  # none yet, or the rater changed since (e.g. a rerun added the distillation stage)
-        ratings_path.unlink(missing_ok=True)
-        shutil.rmtree(shards_dir(ratings_path), ignore_errors=True)
-        rate_file(cfg.output.run_dir, data / "train.csv", ratings_path, overrides=[f"--ckpt_path={out}"])
-    ratings = read_ratings(ratings_path)
+    t = stage("4. scoring the training set and the validation set (the trusted reference)")
+    ratings = read_ratings(rated(cfg.output.run_dir, data / "train.csv", out / "ratings.parquet", out))
+    reference = reference_scores(out, cfg.output.exp_name)
     done(t)
 
     t = stage(f"5. Shift-Gsample {retention:.0%} subset")
-    subset = prune_table(ratings, "shift_gsample", retention, seed=seed, keep_scores=True)
+    subset = prune_table(ratings, "shift_gsample", retention, seed=seed, keep_scores=True, reference=reference)
     write_ratings(subset, out / "subset_ratings.parquet")
     subset.drop(columns=["score", "rank"]).to_csv(out / "subset.csv", index=False)
+    used = resolve_params("shift_gsample", len(ratings), retention, ratings["score"].to_numpy(), reference)
+    print(f"junk share estimated against the {len(reference)} validation pairs: "
+          f"{junk_share(ratings['score'].to_numpy(), reference):.1%}; " + ", ".join(f"{p} {v:.3f}" for p, v in used.items()))
     print(f"kept {len(subset)} of {len(ratings)} pairs -> {out / 'subset.csv'}")
     done(t)
 
     t = stage("6. pictures")
-    print(plot_selection(ratings, "shift_gsample", retention, out / "selection.png", seed=seed))
+    print(plot_selection(ratings, "shift_gsample", retention, out / "selection.png", seed=seed, reference=reference))
     print(plot_rank_bands(ratings, out / "rank_bands.png", seed=seed))
     done(t)
 
@@ -126,6 +124,25 @@ def run_demo(out: str | Path = "runs/demo", n_train: int = 2000, n_val: int = 50
     report = kind_report(ratings, defects[defects["split"] == "train"], selected_ids=subset["id"])
     print(format_kind_report(report))
     return ratings
+
+
+def rated(run_dir: Path, table: Path, path: Path, out: Path) -> Path:
+    """``table`` scored by the rater in ``run_dir`` into ``path``, reused unless the rater changed since
+    (e.g. a rerun added the distillation stage)."""
+    if path.exists() and path.stat().st_mtime >= latest_checkpoint(run_dir).stat().st_mtime:
+        print(f"reusing {path}")
+    else:
+        path.unlink(missing_ok=True)
+        shutil.rmtree(shards_dir(path), ignore_errors=True)
+        rate_file(run_dir, table, path, overrides=[f"--ckpt_path={out}"])
+    return path
+
+
+def reference_scores(out: Path, exp_name: str = "rater") -> np.ndarray:
+    """The rater's scores of a run folder's validation pairs (scored into <out>/val_ratings.parquet
+    when missing or older than the rater): Shift-Gsample's reference of trusted pairs."""
+    out = Path(out)
+    return read_ratings(rated(out / exp_name, out / "data/val.csv", out / "val_ratings.parquet", out))["score"].to_numpy()
 
 
 def run_generation(out: str | Path = "runs/demo", n_train: int = 2000, n_val: int = 500, seed: int = 0,

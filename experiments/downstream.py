@@ -32,7 +32,7 @@ from alchemist.ratings import read_ratings
 from alchemist.runtime import make_stream, setup_runtime
 from alchemist.selection import prune_table
 from alchemist.utils.io import atomic_open
-from experiments.demo import demo_config
+from experiments.demo import demo_config, reference_scores
 from experiments.types import KINDS
 
 ARMS = {"full": ("all", 1.0), "random_50": ("random", 0.5), "shift_gsample_50": ("shift_gsample", 0.5),
@@ -51,7 +51,9 @@ def subset_table(seed_dir: Path, arm: str, seed: int) -> pd.DataFrame:
         ratings["rank"] = np.arange(len(ratings))
     if strategy == "all":
         return ratings.drop(columns=["score", "rank", "official_score"], errors="ignore")
-    return prune_table(ratings, strategy, retention, seed=seed).drop(columns=["official_score"], errors="ignore")
+    reference = reference_scores(seed_dir) if strategy == "shift_gsample" else None
+    return prune_table(ratings, strategy, retention, seed=seed, reference=reference).drop(
+        columns=["official_score"], errors="ignore")
 
 
 @torch.no_grad()

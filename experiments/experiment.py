@@ -84,7 +84,10 @@ def load_inputs(cfg: ExperimentConfig) -> Inputs:
     rated = set(ratings["id"].astype(str))
     pairs = pairs[pairs["id"].isin(rated)].reset_index(drop=True)
     defects = pd.read_csv(data / "defects.csv", dtype=str, keep_default_na=False)
-    return Inputs(base, epochs, pairs, ratings, defects[defects["split"] == "train"].reset_index(drop=True), data)
+    ref_path = cfg.demo_dir / "val_ratings.parquet"  # the demo's rater on its validation set (run_demo writes it)
+    reference = read_ratings(ref_path)["score"].to_numpy() if not cfg.ratings and ref_path.is_file() else None
+    return Inputs(base, epochs, pairs, ratings, defects[defects["split"] == "train"].reset_index(drop=True), data,
+                  reference)
 
 
 # ----------------------------------------------------------------------------- the experiment
@@ -111,11 +114,12 @@ def run_experiment(cfg: ExperimentConfig, command: str = "", progress: bool = Tr
 
     # subsets, checked before any training
     universe = inp.ratings["id"].astype(str)
+    references = {"rater": inp.reference} if inp.reference is not None else {}
     bs = inp.base.optim.bs
     subsets, comp = {}, {}
     for arm in arms:
         for seed in cfg.seeds:
-            ids = subset_ids(arm, seed, rankings, universe)
+            ids = subset_ids(arm, seed, rankings, universe, references)
             want = n_select(len(universe), arm.retention) if arm.source != "all" else len(universe)
             if not len(ids) == want == len(set(ids)):
                 raise RuntimeError(f"arm {arm.name} selected {len(ids)} rows ({len(set(ids))} distinct), not {want}")

@@ -2,8 +2,10 @@
 Shift-Gsample subset) once per seed, and each planted kind's AUROC and keep rate as mean ± std.
 
 One seed is one ``scripts/demo.py --bench B --seed S`` run in its own process with one torch thread
-(the demo's setting, so a seed's numbers equal a ``make demo`` run with that seed), ``jobs`` at a
-time; a rerun reuses every finished stage. Every rater claim in docs/ comes from this report.
+(that script's default; ``make demo`` pins two, so its numbers differ from seed 0's), ``jobs`` at a
+time; a rerun reuses every finished stage. The subsets are chosen again from the saved ratings with
+the current selection rule, so a changed rule is reported without rerunning the seeds. Every rater
+claim in docs/ comes from this report.
 """
 from __future__ import annotations
 
@@ -21,8 +23,9 @@ import pandas as pd
 
 from alchemist.bilevel.distill import TARGET_FILE
 from alchemist.ratings import read_ratings
-from alchemist.selection import select
+from alchemist.selection import prune_table, select
 from alchemist.utils.io import atomic_open
+from experiments.demo import reference_scores
 from experiments.planted import kind_report
 from experiments.types import DEFECT_KINDS
 
@@ -47,11 +50,12 @@ def run_seed(bench: str, seed: int, out: Path, args: Sequence[str] = ()) -> floa
     return time.perf_counter() - t0
 
 
-def seed_report(d: Path) -> pd.DataFrame:
-    """Per defect kind of one seed's run: AUROC of clean against it, and the share of it the subset kept;
+def seed_report(d: Path, seed: int) -> pd.DataFrame:
+    """Per defect kind of one seed's run: AUROC of clean against it, and the share of it the default
+    Shift-Gsample 50 % subset (``run_demo``'s) keeps;
     with a distilled rater also the AUROC of the target it was fitted to (NaN without one)."""
     ratings = read_ratings(d / "ratings.parquet")
-    subset = read_ratings(d / "subset_ratings.parquet")
+    subset = prune_table(ratings, "shift_gsample", 0.5, seed=seed, reference=reference_scores(d))
     defects = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False)
     train = defects[defects["split"] == "train"]
     rep = kind_report(ratings, train, selected_ids=subset["id"])
@@ -66,7 +70,8 @@ def seed_report(d: Path) -> pd.DataFrame:
 
 
 # what each strategy keeps from the same ratings at 50 % (the first is the pipeline's own subset)
-STRATEGIES = {"Shift-Gsample (default)": ("shift_gsample", {}),
+STRATEGIES = {"Shift-Gsample (default)": ("shift_gsample", {"reference": True}),
+              "Shift-Gsample, no reference (tail 0.15)": ("shift_gsample", {}),
               "Shift-Gsample, no tail (paper µ/σ/shift)": ("shift_gsample", {"tail": 0.0, "shift": 0.25, "mu": 0.55,
                                                                               "sigma": 0.15}),
               "Gsample": ("gsample", {}), "Top-K": ("topk", {}), "block (start 0.4)": ("block", {}),
@@ -78,8 +83,10 @@ def strategy_keeps(d: Path, seed: int, retention: float = 0.5) -> pd.DataFrame:
     ratings = read_ratings(d / "ratings.parquet")
     defects = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False)
     kind = ratings["id"].astype(str).map(defects.set_index("id")["kind"])
-    out = {}
+    out, reference = {}, reference_scores(d)
     for name, (strategy, params) in STRATEGIES.items():
+        if params.get("reference"):
+            params = {**params, "reference": reference}
         kept = np.zeros(len(ratings), dtype=bool)
         kept[select(ratings, strategy, retention, seed=seed, **params)] = True
         out[name] = pd.Series(kept).groupby(kind.to_numpy()).mean()
@@ -129,7 +136,7 @@ def run_sweep(bench: str, seeds: Sequence[int], out: str | Path, jobs: int = 2, 
         for fut in cf.as_completed(futures):
             seconds[futures[fut]] = fut.result()
             print(f"seed {futures[fut]} done in {seconds[futures[fut]]:.0f}s", flush=True)
-    per_seed = pd.concat([seed_report(seed_dir(out, s)).assign(seed=s) for s in seeds], ignore_index=True)
+    per_seed = pd.concat([seed_report(seed_dir(out, s), s).assign(seed=s) for s in seeds], ignore_index=True)
     table = summarize(per_seed)
     keeps = sum(strategy_keeps(seed_dir(out, s), s) for s in seeds) / len(seeds)
     keeps = keeps.reindex([k for k in ("clean", *DEFECT_KINDS) if k in keeps.index])

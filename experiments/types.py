@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from alchemist.config import ConfigError, T2IConfig
@@ -128,3 +129,4 @@ class Inputs:
     ratings: pd.DataFrame  # the rater's, rank order
     defects: pd.DataFrame  # train rows of defects.csv
     data_dir: Path
+    reference: np.ndarray | None = None  # the rater's scores of the validation pairs, when the demo wrote them

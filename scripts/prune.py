@@ -1,10 +1,12 @@
 """Prune a rated dataset: keep the rows a strategy selects, in rank order.
 
     python scripts/prune.py --ratings ratings.parquet --out subset.csv \
-        --strategy shift_gsample --retention 0.5 [--seed 0 --mu 0.55 --sigma 0.15 --shift 0.25 --tail 0.15]
+        --strategy shift_gsample --retention 0.5 [--reference val_ratings.parquet]
+        [--seed 0 --mu 0.55 --sigma 0.15 --shift 0.25 --tail 0.15]
 
-Shift-Gsample's defaults follow the rule in docs/selection.md: the tail is the low mode of clearly
-bimodal scores (else 0.15), the shift the paper's (shrunk to fit), the Gaussian centred on what is left.
+Shift-Gsample's defaults follow the rule in docs/selection.md: the tail is the junk share estimated
+against --reference (the same rater's ratings of trusted pairs, e.g. its validation set), at least
+0.15, and 0.15 without one; the shift the paper's (shrunk to fit), the Gaussian centred on what is left.
 
 --retention is a fraction when it has a decimal point or a % sign (0.5, 50%, 1.0 = all)
 and a row count when it is a whole number (1000). The output keeps the input's columns,
@@ -33,7 +35,7 @@ import numpy as np
 from alchemist.cli import ArgumentParser, non_negative_int, user_errors
 from alchemist.rank_stream import DEFAULT_CHUNK_ROWS, check_out, prune_stream, ratings_files
 from alchemist.ratings import read_ratings, table_format, write_table
-from alchemist.selection import STRATEGIES, parse_retention, prune_table, rank_histogram, resolve_params
+from alchemist.selection import STRATEGIES, check_reference, parse_retention, prune_table, rank_histogram, resolve_params
 from alchemist.utils.io import check_writable
 
 
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="per-shard input: rows read at a time")
     ap.add_argument("--strategy", default="shift_gsample", choices=STRATEGIES)
     ap.add_argument("--retention", required=True, type=parse_retention)
+    ap.add_argument("--reference", help="ratings (.csv / .parquet, a score column) of trusted pairs by the same "
+                    "rater, e.g. infer_rater.py on its validation set: Shift-Gsample's tail cuts the junk share "
+                    "they imply")
     ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--mu", type=float, help="gsample / shift_gsample: Gaussian centre (rank fraction)")
     ap.add_argument("--sigma", type=float, help="gsample / shift_gsample: Gaussian width (rank fraction)")
@@ -59,15 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     params = {k: getattr(args, k) for k in ("mu", "sigma", "shift", "tail", "start") if getattr(args, k) is not None}
     if args.out is None and args.keep_column is None:
         ap.error("give --out, --keep-column or both")
+    reference = check_reference(read_ratings(args.reference)["score"]) if args.reference else None
     one = args.ratings[0]
     if (len(args.ratings) > 1 or os.path.isdir(one) or glob.has_magic(one) or args.keep_column
             or (args.out or "").lower().endswith(".npy") or args.out is None):
-        return _prune_shards(args, params)
+        return _prune_shards(args, params, reference)
     table_format(args.out)  # a bad extension or a read-only folder fails before the pruning
     check_writable(Path(args.out).resolve().parent)
     ratings = read_ratings(one)
-    subset = prune_table(ratings, args.strategy, args.retention, args.seed, keep_scores=True, **params)
-    used = resolve_params(args.strategy, len(ratings), args.retention, ratings["score"].to_numpy(), **params)
+    subset = prune_table(ratings, args.strategy, args.retention, args.seed, keep_scores=True, reference=reference,
+                         **params)
+    used = resolve_params(args.strategy, len(ratings), args.retention, ratings["score"].to_numpy(), reference, **params)
     n, k = len(ratings), len(subset)
     hist = rank_histogram(subset["rank"].to_numpy(), n)
     if not args.keep_scores:
@@ -78,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _prune_shards(args: argparse.Namespace, params: dict) -> int:
+def _prune_shards(args: argparse.Namespace, params: dict, reference: np.ndarray | None) -> int:
     if args.out:
         check_out(args.out)
         check_writable(Path(args.out).resolve().parent)
     files = ratings_files(args.ratings)
     res = prune_stream(files, args.strategy, args.retention, args.seed, out=args.out, keep_dir=args.keep_column,
-                       chunk_rows=args.chunk_rows, **params)
+                       chunk_rows=args.chunk_rows, reference=reference, **params)
     n, k = res["n"], res["kept"]
     dest = " and ".join(x for x in (args.out, args.keep_column and f"{args.keep_column} (keep column)") if x)
     _report(args, n, k, res["params"], rank_histogram(res["kept_ranks"], n), f"{dest} ({len(files)} files read)")

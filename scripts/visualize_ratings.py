@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--strategy", default="shift_gsample", choices=STRATEGIES)
     ap.add_argument("--retention", type=parse_retention, default=0.5)
+    ap.add_argument("--reference", help="ratings of trusted pairs by the same rater (Shift-Gsample's tail; prune.py)")
     ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--mu", type=float)
     ap.add_argument("--sigma", type=float)
@@ -41,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     params = {k: getattr(args, k) for k in ("mu", "sigma", "shift", "start") if getattr(args, k) is not None}
     out = check_writable(args.out_dir)
     ratings = read_ratings(args.ratings)
+    reference = read_ratings(args.reference)["score"].to_numpy() if args.reference else None
     sel = plot_selection(ratings, args.strategy, args.retention, out / f"selection_{args.strategy}.png",
-                         args.seed, **params)
+                         args.seed, reference=reference, **params)
     bands = plot_rank_bands(ratings, out / "rank_bands.png", args.k, args.bands, args.seed, args.image_col,
                             args.caption_col, base_dir=Path(args.ratings).resolve().parent)
     print(f"wrote {sel} and {bands}")

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from alchemist.rank_stream import StreamRanker, prune_stream, ratings_files
-from alchemist.ratings import rank_scores
-from alchemist.selection import prune_table
+from alchemist.ratings import rank_scores, write_ratings
+from alchemist.selection import prune_table, resolve_params
 from alchemist.utils.errors import UserError
 
 
@@ -49,9 +49,13 @@ def test_stream_rank_equals_in_memory_rank(shards):
 
 @pytest.mark.parametrize("strategy,params", [("topk", {}), ("bottomk", {}), ("block", {"start": 0.3}),
                                              ("random", {}), ("gsample", {}), ("shift_gsample", {}),
-                                             ("shift_gsample", {"shift": 0.1, "tail": 0.2})])
+                                             ("shift_gsample", {"shift": 0.1, "tail": 0.2}),
+                                             ("shift_gsample", {"reference": "top third"})])
 def test_stream_prune_keeps_what_prune_table_keeps(shards, tmp_path, strategy, params):
     root, ref = shards
+    if "reference" in params:  # trusted scores at the top: most rows count as junk, the tail is wide
+        params = {"reference": np.sort(ref["score"].to_numpy())[-200:]}
+        assert resolve_params(strategy, len(ref), 0.3, ref["score"].to_numpy(), **params)["tail"] > 0.5
     expect = prune_table(ref, strategy, 0.3, seed=3, keep_scores=True, **params)
     out = prune_stream(ratings_files(root), strategy, 0.3, seed=3, out=tmp_path / "kept.parquet",
                        keep_dir=tmp_path / "keep", chunk_rows=64, **params)
@@ -88,6 +92,28 @@ def test_cli_streams_from_the_shards_folder(shards, tmp_path):
                           str(tmp_path / "k.npy"), "--strategy", "topk", "--retention", "0.1"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().startswith("error: no ratings parquet files")
+
+
+def test_cli_reference_sets_the_tail_in_memory_and_streamed(shards, tmp_path):
+    """--reference: the trusted pairs' ratings file; the subset is prune_table's with those scores, on
+    both paths, and a reference too small to estimate from is a one-line error."""
+    root, ref = shards
+    write_ratings(ref, tmp_path / "all.parquet")
+    trusted = ref.nlargest(200, "score")  # trusted pairs all score high: most rows count as junk
+    write_ratings(trusted.reset_index(drop=True), tmp_path / "val.csv")
+    expect = prune_table(ref, "shift_gsample", 0.3, reference=trusted["score"].to_numpy())
+    assert len(set(expect["id"]) - set(prune_table(ref, "shift_gsample", 0.3)["id"])) > 20  # the reference matters
+    for src, out in ((tmp_path / "all.parquet", "k.csv"), (root, "k.parquet")):
+        r = subprocess.run([sys.executable, "scripts/prune.py", "--ratings", str(src), "--out", str(tmp_path / out),
+                            "--retention", "0.3", "--reference", str(tmp_path / "val.csv")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        got = pd.read_csv(tmp_path / out, dtype={"id": str}) if out.endswith(".csv") else pd.read_parquet(tmp_path / out)
+        assert got["id"].tolist() == expect["id"].tolist()
+    write_ratings(trusted.head(20).reset_index(drop=True), tmp_path / "few.csv")
+    bad = subprocess.run([sys.executable, "scripts/prune.py", "--ratings", str(tmp_path / "all.parquet"), "--out",
+                          str(tmp_path / "k2.csv"), "--retention", "0.3", "--reference", str(tmp_path / "few.csv")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "at least 50 scores" in bad.stderr and not (tmp_path / "k2.csv").exists()
 
 
 def test_bad_scores_are_user_errors(tmp_path):

@@ -1,6 +1,7 @@
 """Pruning strategies (alchemist.selection), ratings tables (alchemist.ratings), scripts/prune.py."""
 import importlib.util
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from scipy import stats
 
 from alchemist.ratings import rank_scores, read_ratings, read_table, write_ratings
-from alchemist.selection import (STRATEGIES, _low_mode_share, default_shift, inclusion_probability, junk_tail,
+from alchemist.selection import (STRATEGIES, default_shift, inclusion_probability, junk_share,
                                  prune_table, rank_histogram, resolve_params, select)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,33 +80,52 @@ def test_shift_gsample_never_picks_the_head_or_the_tail():
 
 
 def test_default_parameters_follow_the_written_rule():
-    """tail = every low mode of clearly multimodal scores (else 0.15); shift = the paper's, shrunk to fit;
-    the Gaussian centred on the support with ±2σ spanning it."""
+    """tail = max(0.15, the junk share estimated against trusted scores), 0.15 without them; shift = the
+    paper's, shrunk to fit; the Gaussian centred on the support with ±2σ spanning it."""
     rng = np.random.default_rng(0)
-    unimodal = rng.normal(size=10_000)
-    assert junk_tail(unimodal) is None and junk_tail(rng.lognormal(size=10_000)) is None
-    assert resolve_params("shift_gsample", 10_000, 0.5, unimodal) == pytest.approx(
-        {"mu": 0.55, "sigma": 0.15, "shift": 0.25, "tail": 0.15})
-    junk = np.r_[rng.normal(size=7000), rng.normal(-6, 1, 3000)]  # 30 % far below the rest
-    assert junk_tail(junk) == pytest.approx(0.3, abs=0.002)
-    p = resolve_params("shift_gsample", 10_000, 0.5, junk)
-    assert p["tail"] == pytest.approx(0.3, abs=0.002) and p["shift"] == pytest.approx(0.2, abs=0.002)
-    assert p["mu"] == pytest.approx((p["shift"] + 1 - p["tail"]) / 2) and p["sigma"] == pytest.approx(0.125, abs=0.001)
-    kept = select(junk, "shift_gsample", 0.5, seed=0)
-    assert (kept >= 7000).sum() <= 0.01 * 3000  # the planted low mode is not sampled
-    # two junk groups, the upper one close to the rest: the test is repeated above each cut, so both go
-    # (here one fit takes both at once; in the next case, the lower group alone)
-    two = np.r_[rng.normal(size=6000), rng.normal(-5, 0.5, 2000), rng.normal(-10, 0.5, 2000)]
-    assert junk_tail(two) == pytest.approx(0.4, abs=0.01)  # a fit may take the low end of the next group
-    kept = select(two, "shift_gsample", 0.5, seed=0)
-    assert (kept >= 6000).sum() <= 0.01 * 4000
-    far = np.r_[rng.normal(size=6000), rng.normal(-4, 0.3, 1500), rng.normal(-40, 0.3, 2500)]
-    assert _low_mode_share(np.sort(far)) == pytest.approx(0.25, abs=0.001)  # one split: the lowest group only
-    assert junk_tail(far) == pytest.approx(0.4, abs=0.01)
-    # a low mode larger than 1 - retention is cut only as far as K still fits, and the shift goes first
-    p = resolve_params("shift_gsample", 1000, 0.8, np.r_[np.zeros(700) + rng.normal(size=700), np.full(300, -9.0)])
-    assert p["tail"] == pytest.approx(0.2) and p["shift"] == 0.0
-    assert resolve_params("shift_gsample", 1000, 0.5, junk[:1000], tail=0.1, mu=0.3)["mu"] == 0.3  # explicit kept
+    trusted = rng.normal(size=2000)
+    clean = rng.normal(size=10_000)
+    assert junk_share(clean, trusted) < 0.03  # nothing below the trusted pairs: the paper's tail
+    for scores, ref in ((clean, trusted), (clean, None), (None, trusted)):
+        assert resolve_params("shift_gsample", 10_000, 0.5, scores, ref) == pytest.approx(
+            {"mu": 0.55, "sigma": 0.15, "shift": 0.25, "tail": 0.15})
+    junk = np.r_[rng.normal(size=7000), rng.normal(-6, 1, 3000)]  # 30 % far below the trusted pairs
+    assert junk_share(junk, trusted) == pytest.approx(0.3, abs=0.03)
+    p = resolve_params("shift_gsample", 10_000, 0.5, junk, trusted)
+    assert p["tail"] == pytest.approx(junk_share(junk, trusted), abs=1e-4)  # in whole rows
+    assert p["shift"] == pytest.approx(1 - p["tail"] - 0.5) and p["shift"] < 0.25  # the shift yields
+    assert p["mu"] == pytest.approx((p["shift"] + 1 - p["tail"]) / 2)
+    assert p["sigma"] == pytest.approx((1 - p["tail"] - p["shift"]) / 4)
+    kept = select(junk, "shift_gsample", 0.5, seed=0, reference=trusted)
+    missed = (0.3 - p["tail"]) * 10_000  # junk rows above the cut: the estimate's error
+    assert (kept >= 7000).sum() <= missed + 30  # the junk below the cut is not sampled
+    assert (select(junk, "shift_gsample", 0.5, seed=0) >= 7000).sum() > 0.2 * 3000  # without the reference it is
+    # junk above 1 - retention is cut only as far as K still fits, and the shift goes first
+    p = resolve_params("shift_gsample", 1000, 0.5, np.r_[rng.normal(size=300), np.full(700, -9.0)], trusted)
+    assert p["tail"] == pytest.approx(0.5) and p["shift"] == 0.0
+    assert resolve_params("shift_gsample", 1000, 0.5, junk[:1000], trusted, tail=0.1, mu=0.3)["mu"] == 0.3
+
+
+def test_junk_share_is_storeys_estimate_at_the_trusted_median():
+    """Brute force on ties, and against the closed form 1 − 2·P(score > median) for Gaussian mixtures:
+    the estimate moves smoothly with the separation of the junk (no threshold to fall off)."""
+    trusted = np.r_[np.zeros(25), np.full(25, 3.0), np.full(10, 9.0)]  # median 3
+    s = np.array([0, 0, 1, 2, 3, 3, 3, 4.0])  # above the median: 1, tied: 3 (count half)
+    assert junk_share(s, trusted) == pytest.approx(1 - 2 * (1 + 1.5) / 8)
+    assert junk_share(np.full(8, 5.0), trusted) == 0.0  # capped: never a negative share
+    rng = np.random.default_rng(1)
+    trusted = rng.normal(size=20_000)
+    estimates = []
+    for d in (0.0, 0.5, 1.0, 2.0, 4.0):
+        scores = np.r_[rng.normal(size=70_000), rng.normal(-d, 1, 30_000)]
+        expected = 1 - 2 * (0.7 * 0.5 + 0.3 * 0.5 * math.erfc(d / math.sqrt(2)))
+        estimates.append(junk_share(scores, trusted))
+        assert estimates[-1] == pytest.approx(expected, abs=0.015)
+    assert np.all(np.diff(estimates) > 0)
+    with pytest.raises(ValueError, match="at least 50"):
+        junk_share(s, np.zeros(49))
+    with pytest.raises(ValueError, match="not finite"):
+        junk_share(s, np.r_[np.zeros(60), np.nan])
 
 
 def _binned_gaussian(n, head, mu, sigma, edges, end=None):

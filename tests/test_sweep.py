@@ -7,6 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from alchemist.ratings import read_ratings
+from alchemist.selection import prune_table
 from experiments.digits_data import WORDS, DigitsSpec, generate_digits
 from experiments.planted import auroc
 from experiments.sweep import run_sweep
@@ -72,7 +74,7 @@ def test_digits_same_seed_same_bytes(digits, tmp_path):
 def swept(tmp_path_factory):
     """Two seeds of the whole pipeline at toy size."""
     out = tmp_path_factory.mktemp("sweep")
-    args = ["--n-train", "64", "--n-val", "16", "--tokenizer-steps", "2", "--ep=1", "--bs=8", "--depth=1",
+    args = ["--n-train", "64", "--n-val", "50", "--tokenizer-steps", "2", "--ep=1", "--bs=8", "--depth=1",
             "--raterDepth=1", "--text_max_len=16", "--num_workers=0", "--distill_steps=10",
             "--distill_proxy_steps=3", "--distill_captions=2"]
     return out, run_sweep("demo", [0, 1], out, jobs=2, args=args)
@@ -87,6 +89,10 @@ def test_sweep_report_matches_a_recomputation_from_each_seeds_ratings(swept):
         d = tmp_path / f"seed{seed}"
         r = pd.read_parquet(d / "ratings.parquet")
         kept = set(pd.read_parquet(d / "subset_ratings.parquet")["id"].astype(str))
+        trusted = pd.read_parquet(d / "val_ratings.parquet")  # the rater's scores of the 50 validation pairs
+        assert len(trusted) == 50 and set(trusted["id"]) == set(pd.read_csv(d / "data/val.csv")["id"])
+        assert kept == set(prune_table(read_ratings(d / "ratings.parquet"), "shift_gsample", 0.5, seed=seed,
+                                       reference=trusted["score"].to_numpy())["id"].astype(str))
         truth = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False).set_index("id")["kind"]
         r = r.assign(kind=r["id"].astype(str).map(truth))
         clean = r.loc[r["kind"] == "clean", "score"]
@@ -115,7 +121,6 @@ def test_sweep_report_matches_a_recomputation_from_each_seeds_ratings(swept):
 def test_downstream_arms_at_equal_steps(swept, tmp_path):
     """Every arm × seed trains the same number of steps; the subsets are the selection rule's on the
     seed's own ratings; the report's numbers are the runs' mean ± std."""
-    from alchemist.ratings import read_ratings
     from alchemist.selection import select
     from experiments.downstream import run_downstream
 
@@ -130,6 +135,8 @@ def test_downstream_arms_at_equal_steps(swept, tmp_path):
         ratings = read_ratings(out / f"seed{seed}/ratings.parquet")
         top = set(ratings.iloc[select(ratings, "topk", 0.5)]["id"].astype(str))
         assert set(pd.read_csv(out / f"seed{seed}/downstream/topk_50/subset.csv", dtype={"id": str})["id"]) == top
+        shift = pd.read_csv(out / f"seed{seed}/downstream/shift_gsample_50/subset.csv", dtype={"id": str})["id"]
+        assert set(shift) == set(pd.read_parquet(out / f"seed{seed}/subset_ratings.parquet")["id"].astype(str))
     assert np.isfinite(runs["heldout_loss"]).all() and np.isfinite(runs["caption_gain"]).all()
     g = runs.groupby("arm")
     assert table["heldout_mean"].to_dict() == pytest.approx(g["heldout_loss"].mean().to_dict())
