@@ -85,8 +85,9 @@ train_killed() {  # start training in its own process group, SIGKILL the group a
   while kill -0 "$pid" 2>/dev/null; do
     step=$(latest_step)
     if [ -n "$step" ] && [ "$step" -ge "$KILL_AT" ]; then
-      echo "$step" > "$OUT/killed_at"
       kill_run
+      wait "$pid"
+      latest_step > "$OUT/killed_at"  # read once it is dead: a busy machine may save another checkpoint first
       break
     fi
     sleep 0.2
