@@ -87,8 +87,8 @@ def resolve_params(strategy: str, n_total: int, retention: float | int, scores: 
     """A strategy's parameters with every default filled in (the values ``select`` uses).
 
     Shift-Gsample keeping r = K/N: tail t = max(``DEFAULT_TAIL``, ``junk_share(scores, reference)``)
-    (``DEFAULT_TAIL`` without both), at most 1 − r; shift n = ``default_shift(r)``, at most 1 − t − r; µ = the support's centre and
-    σ = its width / 4. Explicit values are kept (an infeasible pair is an error in ``select``)."""
+    (``DEFAULT_TAIL`` without both), at most 1 − r; shift n = ``default_shift(r)``, at most 1 − t − r;
+    µ = the support's centre and σ = its width / 4. Explicit values are kept (an infeasible pair is an error in ``select``)."""
     strategy, params = _check_params(strategy, params)
     k = n_select(n_total, retention)
     params = {p: float(v) for p, v in params.items()}
