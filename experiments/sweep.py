@@ -69,13 +69,14 @@ def seed_report(d: Path, seed: int) -> pd.DataFrame:
                         ).assign(kept_clean=float(rep["kept"]["clean"]))
 
 
-# what each strategy keeps from the same ratings at 50 % (the first is the pipeline's own subset)
-STRATEGIES = {"Shift-Gsample (default)": ("shift_gsample", {"reference": True}),
-              "Shift-Gsample, no reference (tail 0.15)": ("shift_gsample", {}),
+# what each strategy keeps from the same ratings at 50 % (the first is the pipeline's own subset);
+# the third field: whether the strategy is given the rater's validation scores (Shift-Gsample's reference)
+STRATEGIES = {"Shift-Gsample (default)": ("shift_gsample", {}, True),
+              "Shift-Gsample, no reference (tail 0.15)": ("shift_gsample", {}, False),
               "Shift-Gsample, no tail (paper µ/σ/shift)": ("shift_gsample", {"tail": 0.0, "shift": 0.25, "mu": 0.55,
-                                                                              "sigma": 0.15}),
-              "Gsample": ("gsample", {}), "Top-K": ("topk", {}), "block (start 0.4)": ("block", {}),
-              "random": ("random", {})}
+                                                                              "sigma": 0.15}, False),
+              "Gsample": ("gsample", {}, False), "Top-K": ("topk", {}, False),
+              "block (start 0.4)": ("block", {}, False), "random": ("random", {}, False)}
 
 
 def strategy_keeps(d: Path, seed: int, retention: float = 0.5) -> pd.DataFrame:
@@ -84,11 +85,9 @@ def strategy_keeps(d: Path, seed: int, retention: float = 0.5) -> pd.DataFrame:
     defects = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False)
     kind = ratings["id"].astype(str).map(defects.set_index("id")["kind"])
     out, reference = {}, reference_scores(d)
-    for name, (strategy, params) in STRATEGIES.items():
-        if params.get("reference"):
-            params = {**params, "reference": reference}
+    for name, (strategy, params, trusted) in STRATEGIES.items():
         kept = np.zeros(len(ratings), dtype=bool)
-        kept[select(ratings, strategy, retention, seed=seed, **params)] = True
+        kept[select(ratings, strategy, retention, seed=seed, reference=reference if trusted else None, **params)] = True
         out[name] = pd.Series(kept).groupby(kind.to_numpy()).mean()
     return pd.DataFrame(out)
 
