@@ -16,11 +16,12 @@ Strategies (parameters are fractions of N, like ``pos``):
 
 µ and σ are unpublished; the paper's figure peaks near pos 0.5-0.55 with support 0.25-0.85.
 Shift-Gsample's defaults follow one rule, written down before the outcomes it was judged on were seen
-(``resolve_params``; docs/selection.md): the tail is the junk share of the rated rows estimated against
-a *reference*, the rater's scores of trusted pairs (its validation set): Storey's estimate with λ at
-the reference's median (``junk_share``), at least the paper's 0.15, which is also the tail without a
-reference; the shift is the paper's, shrunk when the support left would hold fewer than K rows; the
-Gaussian is centred on the support with ±2σ spanning it (support 0.25-0.85 gives µ 0.55, σ 0.15).
+(``resolve_params``; docs/selection.md): the tail is the most junk the rated rows can hold given a
+*reference*, the rater's scores of trusted pairs (its validation set): Storey's estimate with λ at
+the reference's median (``junk_share``) scaled up for the junk that scores above that median
+(``junk_ceiling``), at least the paper's 0.15, which is also the tail without a reference; the shift
+is the paper's, shrunk when the support left would hold fewer than K rows; the Gaussian is centred on
+the support with ±2σ spanning it (support 0.25-0.85 gives µ 0.55, σ 0.15).
 Plain ``gsample`` keeps fixed defaults µ 0.55, σ 0.15 and no cut.
 """
 from __future__ import annotations
@@ -51,6 +52,7 @@ DEFAULT_BLOCK_START = 0.4  # the paper's best windows start around s0.4-s0.6
 SHIFT_KNOTS = ((0.0, 0.5, 0.8, 0.9, 1.0), (0.25, 0.25, 0.15, 0.05, 0.0))
 DEFAULT_TAIL = 0.15  # the paper's figure: no selection below pos 0.85
 MIN_REFERENCE = 50  # fewer trusted scores than this give too loose a median to estimate junk from
+JUNK_ABOVE_MEDIAN = 0.25  # the share of junk assumed at most to score above the trusted median
 
 
 def default_shift(fraction: float) -> float:
@@ -71,6 +73,17 @@ def junk_share(scores: np.ndarray, reference: np.ndarray) -> float:
     return float(max(0.0, 1.0 - 2.0 * above))
 
 
+def junk_ceiling(scores: np.ndarray, reference: np.ndarray) -> float:
+    """The largest junk share consistent with ``junk_share`` if at most ``JUNK_ABOVE_MEDIAN`` (q) of the
+    junk scores above the trusted median: junk_share / (1 − 2q), capped at 1.
+
+    Storey's estimate counts junk above the median as good, so it measures π·(1 − 2q) for a junk share
+    π, never more: it is a floor. q = ¼ is a junk kind the rater ranks below good pairs with AUROC
+    about 0.68 (equal-variance Gaussians), so the ceiling covers any junk the rater finds better than
+    that; what it ranks worse it cannot cut by score anyway."""
+    return float(min(1.0, junk_share(scores, reference) / (1.0 - 2.0 * JUNK_ABOVE_MEDIAN)))
+
+
 def check_reference(reference: Any) -> np.ndarray:
     """The reference scores as a float array, or a UserError saying what is wrong with them."""
     ref = np.asarray(reference, dtype=np.float64)
@@ -86,7 +99,7 @@ def resolve_params(strategy: str, n_total: int, retention: float | int, scores: 
                    reference: np.ndarray | None = None, **params) -> dict[str, float]:
     """A strategy's parameters with every default filled in (the values ``select`` uses).
 
-    Shift-Gsample keeping r = K/N: tail t = max(``DEFAULT_TAIL``, ``junk_share(scores, reference)``)
+    Shift-Gsample keeping r = K/N: tail t = max(``DEFAULT_TAIL``, ``junk_ceiling(scores, reference)``)
     (``DEFAULT_TAIL`` without both), at most 1 − r; shift n = ``default_shift(r)``, at most 1 − t − r;
     µ = the support's centre and σ = its width / 4. Explicit values are kept (an infeasible pair is an error in ``select``)."""
     strategy, params = _check_params(strategy, params)
@@ -101,7 +114,7 @@ def resolve_params(strategy: str, n_total: int, retention: float | int, scores: 
     r = k / n_total
     tail = params.get("tail")
     if tail is None:  # in whole rows, so that the window select() cuts holds K rows exactly
-        found = junk_share(scores, reference) if scores is not None and reference is not None else 0.0
+        found = junk_ceiling(scores, reference) if scores is not None and reference is not None else 0.0
         room = n_total - k - (_first_at_or_after(params["shift"], n_total) if "shift" in params else 0)
         tail = max(0, min(_tail_rows(max(DEFAULT_TAIL, found), n_total), room)) / n_total
     shift = params.get("shift")
@@ -145,7 +158,7 @@ def select(ratings: Any, strategy: str, retention: float | int, seed: int = 0, r
       * a DataFrame with ``rank`` (or else ``score``): the result are row positions (``iloc``);
       * a 1-D array of scores (higher = better, ties by row order): positions into it.
     ``retention`` is a fraction (float in (0, 1]) or a count (int). ``reference``: the same rater's
-    scores of trusted pairs, from which Shift-Gsample's default tail is estimated (``junk_share``).
+    scores of trusted pairs, from which Shift-Gsample's default tail is estimated (``junk_ceiling``).
     Unknown strategies, parameters or infeasible requests raise ValueError naming the fix.
     """
     n, order = _rank_order(ratings)

@@ -24,7 +24,7 @@ from alchemist.evaluation.train import train_t2i
 from alchemist.plots import plot_rank_bands, plot_selection
 from alchemist.ratings import read_ratings, write_ratings
 from alchemist.scoring import rate_file, shards_dir
-from alchemist.selection import junk_share, prune_table, resolve_params
+from alchemist.selection import junk_ceiling, junk_share, prune_table, resolve_params
 from alchemist.tokenizer_training import train_tokenizer_for, use_bundled_tokenizer
 from alchemist.utils.checkpoint import latest_checkpoint
 from alchemist.utils.errors import UserError
@@ -109,8 +109,9 @@ def run_demo(out: str | Path = "runs/demo", n_train: int = 2000, n_val: int = 50
     write_ratings(subset, out / "subset_ratings.parquet")
     subset.drop(columns=["score", "rank"]).to_csv(out / "subset.csv", index=False)
     used = resolve_params("shift_gsample", len(ratings), retention, ratings["score"].to_numpy(), reference)
-    print(f"junk share estimated against the {len(reference)} validation pairs: "
-          f"{junk_share(ratings['score'].to_numpy(), reference):.1%}; " + ", ".join(f"{p} {v:.3f}" for p, v in used.items()))
+    scores = ratings["score"].to_numpy()
+    print(f"junk share against the {len(reference)} validation pairs: estimate {junk_share(scores, reference):.1%}, "
+          f"ceiling {junk_ceiling(scores, reference):.1%}; " + ", ".join(f"{p} {v:.3f}" for p, v in used.items()))
     print(f"kept {len(subset)} of {len(ratings)} pairs -> {out / 'subset.csv'}")
     done(t)
 

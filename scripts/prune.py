@@ -4,9 +4,9 @@
         --strategy shift_gsample --retention 0.5 [--reference val_ratings.parquet]
         [--seed 0 --mu 0.55 --sigma 0.15 --shift 0.25 --tail 0.15]
 
-Shift-Gsample's defaults follow the rule in docs/selection.md: the tail is the junk share estimated
-against --reference (the same rater's ratings of trusted pairs, e.g. its validation set), at least
-0.15, and 0.15 without one; the shift the paper's (shrunk to fit), the Gaussian centred on what is left.
+Shift-Gsample's defaults follow the rule in docs/selection.md: the tail is the largest junk share
+consistent with --reference (the same rater's ratings of trusted pairs, e.g. its validation set), at
+least 0.15, and 0.15 without one; the shift the paper's (shrunk to fit), the Gaussian centred on what is left.
 
 --retention is a fraction when it has a decimal point or a % sign (0.5, 50%, 1.0 = all)
 and a row count when it is a whole number (1000). The output keeps the input's columns,
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategy", default="shift_gsample", choices=STRATEGIES)
     ap.add_argument("--retention", required=True, type=parse_retention)
     ap.add_argument("--reference", help="ratings (.csv / .parquet, a score column) of trusted pairs by the same "
-                    "rater, e.g. infer_rater.py on its validation set: Shift-Gsample's tail cuts the junk share "
-                    "they imply")
+                    "rater, e.g. infer_rater.py on its validation set: Shift-Gsample's tail cuts the most junk "
+                    "they allow for")
     ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--mu", type=float, help="gsample / shift_gsample: Gaussian centre (rank fraction)")
     ap.add_argument("--sigma", type=float, help="gsample / shift_gsample: Gaussian width (rank fraction)")

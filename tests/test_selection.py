@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from alchemist.ratings import rank_scores, read_ratings, read_table, write_ratings
-from alchemist.selection import (STRATEGIES, default_shift, inclusion_probability, junk_share,
+from alchemist.selection import (STRATEGIES, default_shift, inclusion_probability, junk_ceiling, junk_share,
                                  prune_table, rank_histogram, resolve_params, select)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,30 +80,46 @@ def test_shift_gsample_never_picks_the_head_or_the_tail():
 
 
 def test_default_parameters_follow_the_written_rule():
-    """tail = max(0.15, the junk share estimated against trusted scores), 0.15 without them; shift = the
+    """tail = max(0.15, the junk ceiling against trusted scores), 0.15 without them; shift = the
     paper's, shrunk to fit; the Gaussian centred on the support with ±2σ spanning it."""
     rng = np.random.default_rng(0)
     trusted = rng.normal(size=2000)
     clean = rng.normal(size=10_000)
-    assert junk_share(clean, trusted) < 0.03  # nothing below the trusted pairs: the paper's tail
+    assert junk_ceiling(clean, trusted) < 0.06  # nothing below the trusted pairs: the paper's tail
     for scores, ref in ((clean, trusted), (clean, None), (None, trusted)):
         assert resolve_params("shift_gsample", 10_000, 0.5, scores, ref) == pytest.approx(
             {"mu": 0.55, "sigma": 0.15, "shift": 0.25, "tail": 0.15})
-    junk = np.r_[rng.normal(size=7000), rng.normal(-6, 1, 3000)]  # 30 % far below the trusted pairs
-    assert junk_share(junk, trusted) == pytest.approx(0.3, abs=0.03)
+    junk = np.r_[rng.normal(size=8000), rng.normal(-6, 1, 2000)]  # 20 % far below the trusted pairs
+    assert junk_share(junk, trusted) == pytest.approx(0.2, abs=0.03)
+    assert junk_ceiling(junk, trusted) == pytest.approx(2 * junk_share(junk, trusted))
     p = resolve_params("shift_gsample", 10_000, 0.5, junk, trusted)
-    assert p["tail"] == pytest.approx(junk_share(junk, trusted), abs=1e-4)  # in whole rows
+    assert p["tail"] == pytest.approx(junk_ceiling(junk, trusted), abs=1e-4)  # in whole rows
     assert p["shift"] == pytest.approx(1 - p["tail"] - 0.5) and p["shift"] < 0.25  # the shift yields
     assert p["mu"] == pytest.approx((p["shift"] + 1 - p["tail"]) / 2)
     assert p["sigma"] == pytest.approx((1 - p["tail"] - p["shift"]) / 4)
-    kept = select(junk, "shift_gsample", 0.5, seed=0, reference=trusted)
-    missed = (0.3 - p["tail"]) * 10_000  # junk rows above the cut: the estimate's error
-    assert (kept >= 7000).sum() <= missed + 30  # the junk below the cut is not sampled
-    assert (select(junk, "shift_gsample", 0.5, seed=0) >= 7000).sum() > 0.2 * 3000  # without the reference it is
-    # junk above 1 - retention is cut only as far as K still fits, and the shift goes first
-    p = resolve_params("shift_gsample", 1000, 0.5, np.r_[rng.normal(size=300), np.full(700, -9.0)], trusted)
+    assert (select(junk, "shift_gsample", 0.5, seed=0, reference=trusted) >= 8000).sum() == 0  # none sampled
+    assert (select(junk, "shift_gsample", 0.5, seed=0) >= 8000).sum() > 0.1 * 2000  # without it: 0.8-0.85 sampled
+    # junk above 1 - retention is cut only as far as K still fits, and the shift goes first: Top-K
+    p = resolve_params("shift_gsample", 1000, 0.5, np.r_[rng.normal(size=700), np.full(300, -9.0)], trusted)
     assert p["tail"] == pytest.approx(0.5) and p["shift"] == 0.0
     assert resolve_params("shift_gsample", 1000, 0.5, junk[:1000], trusted, tail=0.1, mu=0.3)["mu"] == 0.3
+
+
+def test_junk_ceiling_bounds_junk_the_rater_half_finds():
+    """Storey's floor measures π(1 − 2q) for a junk share π of which q scores above the trusted median;
+    the ceiling recovers π when q = ¼ (a shift of Φ⁻¹(¾) between equal-variance Gaussians), stays
+    above π for any junk found better, and is capped at 1."""
+    rng = np.random.default_rng(2)
+    trusted = rng.normal(size=20_000)
+    d_quarter = 0.6744897501960817  # P(N(−d, 1) > 0) = ¼
+    for share in (0.1, 0.3):
+        n_junk = int(share * 100_000)
+        scores = np.r_[rng.normal(size=100_000 - n_junk), rng.normal(-d_quarter, 1, n_junk)]
+        assert junk_share(scores, trusted) == pytest.approx(share / 2, abs=0.01)  # the floor: half of it
+        assert junk_ceiling(scores, trusted) == pytest.approx(share, abs=0.02)
+        far = np.r_[rng.normal(size=100_000 - n_junk), rng.normal(-3, 1, n_junk)]
+        assert share < junk_ceiling(far, trusted) <= 2 * share + 0.02
+    assert junk_ceiling(np.full(100, -5.0), trusted) == 1.0
 
 
 def test_junk_share_is_storeys_estimate_at_the_trusted_median():
