@@ -58,7 +58,7 @@ def plot_selection(ratings: pd.DataFrame, strategy: str, retention: float | int,
     if weight is not None:
         ax_r.plot(pos, weight[0], "--", color="tab:orange", label=weight[1])
     shift = discarded_head(strategy, frac, **params)
-    if shift is not None:
+    if shift:  # None (no head cut) or 0 (it yielded to the tail)
         ax_r.axvspan(0, shift, color="tab:red", alpha=0.08, label=f"discarded head (pos < {shift:.3g})")
     tail = discarded_tail(strategy, **params)
     if tail:

@@ -34,6 +34,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -84,10 +85,25 @@ def load_inputs(cfg: ExperimentConfig) -> Inputs:
     rated = set(ratings["id"].astype(str))
     pairs = pairs[pairs["id"].isin(rated)].reset_index(drop=True)
     defects = pd.read_csv(data / "defects.csv", dtype=str, keep_default_na=False)
-    ref_path = cfg.demo_dir / "val_ratings.parquet"  # the demo's rater on its validation set (run_demo writes it)
-    reference = read_ratings(ref_path)["score"].to_numpy() if not cfg.ratings and ref_path.is_file() else None
     return Inputs(base, epochs, pairs, ratings, defects[defects["split"] == "train"].reset_index(drop=True), data,
-                  reference)
+                  trusted_reference(cfg, ratings_path))
+
+
+def trusted_reference(cfg: ExperimentConfig, ratings_path: Path) -> np.ndarray | None:
+    """Shift-Gsample's reference: the same rater's scores of the validation pairs (``--reference``, or
+    the one ``run_demo`` writes beside its ratings). Without one the arms fall back to the tail 0.15,
+    and say so; the demo's file older than its ratings may be another rater's, so it is refused."""
+    ref_path = Path(cfg.reference) if cfg.reference else cfg.demo_dir / "val_ratings.parquet"
+    if cfg.reference and not ref_path.is_file():
+        raise FileNotFoundError(f"--reference {str(ref_path)!r} does not exist")
+    if not cfg.reference and (cfg.ratings or not ref_path.is_file()):  # the demo's file would be another rater's
+        print(f"no reference for {ratings_path}: the Shift-Gsample arms use the tail 0.15 (docs/selection.md); "
+              "score data/val.csv with the same rater (infer_rater.py) and pass it as --reference")
+        return None
+    if not cfg.reference and ref_path.stat().st_mtime < ratings_path.stat().st_mtime:
+        raise DataError(f"{ref_path} is older than {ratings_path}, so it may be another rater's scores; rerun "
+                        "scripts/demo.py (it rescores both) or pass the rater's validation scores as --reference")
+    return read_ratings(ref_path)["score"].to_numpy()
 
 
 # ----------------------------------------------------------------------------- the experiment

@@ -66,6 +66,7 @@ class ExperimentConfig:
     demo: str = "runs/demo"  # data/, tokenizer.pt (via the T2I config) and ratings.parquet
     out: str = ""  # "" = <demo>/experiment (quick: <demo>/experiment_quick)
     ratings: str = ""  # "" = <demo>/ratings.parquet
+    reference: str = ""  # the same rater's ratings of trusted pairs, Shift-Gsample's reference; "" = <demo>/val_ratings.parquet if there
     rules_dir: str = ""  # "" = <demo>/rules when it exists: <rule>/ratings.parquet per update rule
     t2i_config: str = "configs/demo_t2i.json"
     t2i_overrides: tuple[str, ...] = ()  # --key=value for the T2I config (not the RUN_KEYS)
@@ -129,4 +130,4 @@ class Inputs:
     ratings: pd.DataFrame  # the rater's, rank order
     defects: pd.DataFrame  # train rows of defects.csv
     data_dir: Path
-    reference: np.ndarray | None = None  # the rater's scores of the validation pairs, when the demo wrote them
+    reference: np.ndarray | None = None  # the rater's scores of trusted pairs (``trusted_reference``)

@@ -37,6 +37,8 @@ def selection_main(argv: list[str]) -> int:
     ap.add_argument("--demo", default="runs/demo")
     ap.add_argument("--out", default="", help="experiment folder (default <demo>/experiment[_quick])")
     ap.add_argument("--ratings", default="", help="the rater's ratings (default <demo>/ratings.parquet)")
+    ap.add_argument("--reference", default="", help="the same rater's ratings of the validation pairs, "
+                    "Shift-Gsample's reference (default <demo>/val_ratings.parquet, unless --ratings is given)")
     ap.add_argument("--rules-dir", default="", help="<rule>/ratings.parquet per update rule (default <demo>/rules)")
     ap.add_argument("--config", default="configs/demo_t2i.json", help="the downstream T2I config")
     ap.add_argument("--epochs", type=int, default=None, help="epochs in every arm (default 8, which fits the demo in "
@@ -59,7 +61,8 @@ def selection_main(argv: list[str]) -> int:
     from experiments.experiment import run_experiment
     from experiments.types import ExperimentConfig, quick_config
 
-    kw = dict(demo=args.demo, out=args.out, ratings=args.ratings, rules_dir=args.rules_dir,
+    kw = dict(demo=args.demo, out=args.out, ratings=args.ratings, reference=args.reference,
+              rules_dir=args.rules_dir,
               t2i_config=args.config, t2i_overrides=tuple(overrides), heuristics=args.heuristics,
               cache=not args.no_cache, jobs=args.jobs, threads=args.threads, figure=args.figure)
     if args.epochs is not None:

@@ -3,23 +3,26 @@ exactly the requested sizes, seeds vary the sampled arms only, the results table
 written, and a rerun retrains nothing."""
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from alchemist.build import build_rater, build_text_encoder
 from alchemist.config import ConfigError, RaterConfig, config_to_dict, load_config
+from alchemist.data.pairs import DataError
 from alchemist.models.vqvae import VQVAE
-from alchemist.ratings import read_ratings
+from alchemist.ratings import read_ratings, write_ratings
 from alchemist.scoring import rate_file
 from alchemist.selection import n_select
 from experiments import experiment as ex
 from experiments import report
 from experiments.demo_data import DemoSpec, generate_demo
-from experiments.types import DEFECT_KINDS, HEURISTIC_CANDIDATES, quick_config
+from experiments.types import DEFECT_KINDS, HEURISTIC_CANDIDATES, ExperimentConfig, quick_config
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOMETRY = {"image_size": 16, "patch_size": 4, "patch_nums": "1,2,4", "vocab_size": 32, "Cvae": 8, "vae_ch": 32,
@@ -94,6 +97,27 @@ def test_subsets_have_the_requested_sizes_and_seeds_vary_only_the_sampled_arms(q
     assert not head & set(ids[("shift_gsample_50", 0)]) and not head & set(ids[("shift_gsample_50", 1)])
     runs = {(r["arm"], r["seed"]): r for r in res["runs"]}
     assert runs[("random_50", 1)]["selection_seed"] == 1 and runs[("topk_50", 1)]["selection_seed"] is None
+
+
+def test_the_shift_gsample_reference_is_the_raters_own_validation_scores_or_none(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    table = lambda n, tag: pd.DataFrame({"id": [f"{tag}{i}" for i in range(n)], "score": rng.normal(size=n)})
+    ratings, val = write_ratings(table(80, "t"), tmp_path / "ratings.parquet"), table(60, "v")
+    cfg = ExperimentConfig(demo=str(tmp_path))
+    assert ex.trusted_reference(cfg, ratings) is None and "tail 0.15" in capsys.readouterr().out  # none written
+    write_ratings(val, tmp_path / "val_ratings.parquet")
+    os.utime(ratings, (1, 1))  # the rater's ratings, then its validation scores (run_demo's order)
+    got = ex.trusted_reference(cfg, ratings)
+    assert np.array_equal(np.sort(got), np.sort(val["score"].to_numpy()))
+    os.utime(ratings, None)  # ratings rescored after the validation scores: maybe another rater's
+    with pytest.raises(DataError, match="older than"):
+        ex.trusted_reference(cfg, ratings)
+    other = ExperimentConfig(demo=str(tmp_path), ratings=str(ratings))  # a user's ratings: the demo's file is not theirs
+    assert ex.trusted_reference(other, ratings) is None
+    given = ExperimentConfig(demo=str(tmp_path), ratings=str(ratings), reference=str(tmp_path / "val_ratings.parquet"))
+    assert np.array_equal(np.sort(ex.trusted_reference(given, ratings)), np.sort(got))
+    with pytest.raises(FileNotFoundError, match="--reference"):
+        ex.trusted_reference(ExperimentConfig(demo=str(tmp_path), reference=str(tmp_path / "nope.parquet")), ratings)
 
 
 def test_results_section_figure_and_planted_tables(quick):
