@@ -108,8 +108,8 @@ def run_demo(out: str | Path = "runs/demo", n_train: int = 2000, n_val: int = 50
     subset = prune_table(ratings, "shift_gsample", retention, seed=seed, keep_scores=True, reference=reference)
     write_ratings(subset, out / "subset_ratings.parquet")
     subset.drop(columns=["score", "rank"]).to_csv(out / "subset.csv", index=False)
-    used = resolve_params("shift_gsample", len(ratings), retention, ratings["score"].to_numpy(), reference)
     scores = ratings["score"].to_numpy()
+    used = resolve_params("shift_gsample", len(ratings), retention, scores, reference)
     print(f"junk share against the {len(reference)} validation pairs: estimate {junk_share(scores, reference):.1%}, "
           f"ceiling {junk_ceiling(scores, reference):.1%}; " + ", ".join(f"{p} {v:.3f}" for p, v in used.items()))
     print(f"kept {len(subset)} of {len(ratings)} pairs -> {out / 'subset.csv'}")
