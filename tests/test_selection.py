@@ -100,8 +100,10 @@ def test_default_parameters_follow_the_written_rule():
     assert (select(junk, "shift_gsample", 0.5, seed=0, reference=trusted) >= 8000).sum() == 0  # none sampled
     assert (select(junk, "shift_gsample", 0.5, seed=0) >= 8000).sum() > 0.1 * 2000  # without it: 0.8-0.85 sampled
     # junk above 1 - retention is cut only as far as K still fits, and the shift goes first: Top-K
-    p = resolve_params("shift_gsample", 1000, 0.5, np.r_[rng.normal(size=700), np.full(300, -9.0)], trusted)
+    heavy = np.r_[rng.normal(size=700), np.full(300, -9.0)]
+    p = resolve_params("shift_gsample", 1000, 0.5, heavy, trusted)
     assert p["tail"] == pytest.approx(0.5) and p["shift"] == 0.0
+    assert set(select(heavy, "shift_gsample", 0.5, seed=3, reference=trusted)) == set(select(heavy, "topk", 0.5))
     assert resolve_params("shift_gsample", 1000, 0.5, junk[:1000], trusted, tail=0.1, mu=0.3)["mu"] == 0.3
 
 
