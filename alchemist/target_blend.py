@@ -1,0 +1,35 @@
+"""The rater's ranking of its own run's training pairs, averaged with the distillation target it
+was fitted to (``rater/distill_target.parquet``, `docs/bilevel.md`).
+
+The target ranks wrong captions better than the rater fitted to it, and the rater ranks blank
+images better than the target (`docs/results.md`); the mean of the two percentile ranks keeps
+both. The target exists only for the pairs the run trained on, so this applies to those alone.
+The blended order is written onto the rater's own scores (row of blended rank i gets the rater's
+i-th best score): the scores, and so Shift-Gsample's junk estimate against the rater's validation
+scores, are unchanged; only the order moves. The rater's score stays in ``rater_score``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from alchemist.data.pairs import DataError
+from alchemist.ratings import rank_scores
+
+
+def blend_with_target(ratings: pd.DataFrame, target: pd.DataFrame) -> pd.DataFrame:
+    """``ratings`` (id, score, ...) re-ordered by the mean of the percentile ranks of ``score`` and of
+    ``target`` (id, target); ties by the rater's score, then id. Returns a ranked ratings table."""
+    ids = ratings["id"].astype(str)
+    by_id = target.assign(id=target["id"].astype(str)).set_index("id")["target"]
+    missing = ~ids.isin(by_id.index)
+    if missing.any():
+        raise DataError(f"{int(missing.sum())} rated ids have no distillation target (first: "
+                        f"{ids[missing].iloc[0]!r}); it covers only the training pairs of the run that wrote it")
+    rater = pd.to_numeric(ratings["score"]).to_numpy(np.float64)
+    tgt = by_id.reindex(ids).to_numpy(np.float64)
+    blend = (pd.Series(rater).rank(pct=True) + pd.Series(tgt).rank(pct=True)).to_numpy() / 2
+    order = np.lexsort((ids.to_numpy(), -rater, -blend))  # best first
+    score = np.empty_like(rater)
+    score[order] = np.sort(rater)[::-1]
+    return rank_scores(ratings.assign(rater_score=rater, score=score))

@@ -1,0 +1,62 @@
+"""The rater's ranking averaged with its distillation target: the order against a brute-force mean of
+percentile ranks, the scores (and so the junk estimate) unchanged, and each signal's strength kept."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from alchemist.data.pairs import DataError
+from alchemist.selection import junk_ceiling
+from alchemist.target_blend import blend_with_target
+from experiments.planted import auroc
+
+
+def tables(rater, target, ids=None):
+    ids = [f"p{i:03d}" for i in range(len(rater))] if ids is None else ids
+    return (pd.DataFrame({"id": ids, "score": rater, "caption": ["c"] * len(ids)}),
+            pd.DataFrame({"id": ids[::-1], "target": np.asarray(target)[::-1]}))  # another row order
+
+
+def test_order_is_the_mean_percentile_rank_and_the_scores_are_the_raters():
+    rng = np.random.default_rng(0)
+    rater, target = rng.normal(size=40), rng.normal(size=40)
+    out = blend_with_target(*tables(rater, target))
+    pct = lambda x: np.array([(np.sum(x < v) + (np.sum(x == v) + 1) / 2) / len(x) for v in x])  # average ties
+    mean = (pct(rater) + pct(target)) / 2
+    want = sorted(range(40), key=lambda i: (-mean[i], -rater[i], f"p{i:03d}"))
+    assert out["id"].tolist() == [f"p{i:03d}" for i in want]
+    assert out["rank"].tolist() == list(range(40))
+    assert np.array_equal(out["score"].to_numpy(), np.sort(rater)[::-1])  # the rater's scores, best first
+    assert np.array_equal(out.set_index("id").loc[[f"p{i:03d}" for i in range(40)], "rater_score"], rater)
+    assert out["caption"].eq("c").all()
+    ref = rng.normal(size=100)
+    assert junk_ceiling(out["score"].to_numpy(), ref) == junk_ceiling(rater, ref)
+
+
+def test_a_target_in_the_raters_order_changes_nothing_and_ties_fall_to_the_rater():
+    rater = np.array([0.3, 2.0, -1.0, 0.5, 1.1])
+    out = blend_with_target(*tables(rater, 10 * rater + 1))
+    assert out["id"].tolist() == ["p001", "p004", "p003", "p000", "p002"]
+    assert np.array_equal(out["score"], np.sort(rater)[::-1])
+    flat = blend_with_target(*tables(rater, np.zeros(5)))  # a constant target ties every row: the rater decides
+    assert flat["id"].tolist() == out["id"].tolist()
+
+
+def test_each_signal_keeps_the_defect_it_finds():
+    """The rater finds kind A and not B, the target B and not A: the blend finds both."""
+    rng = np.random.default_rng(1)
+    n = 600
+    kind = np.repeat(["clean", "a", "b"], [400, 100, 100])
+    rater = rng.normal(size=n) - 3 * (kind == "a")
+    target = rng.normal(size=n) - 3 * (kind == "b")
+    out = blend_with_target(*tables(rater, target))
+    k = dict(zip([f"p{i:03d}" for i in range(n)], kind))
+    s = out.assign(kind=out["id"].map(k))
+    got = {x: auroc(s.loc[s.kind == "clean", "score"], s.loc[s.kind == x, "score"]) for x in ("a", "b")}
+    assert got["a"] > 0.8 and got["b"] > 0.8  # each alone: about 0.5 on the kind the other finds
+    assert max(auroc(rater[kind == "clean"], rater[kind == "b"]), auroc(target[kind == "clean"], target[kind == "a"])) < 0.6
+
+
+def test_rated_rows_without_a_target_are_an_error():
+    ratings, target = tables(np.arange(5.0), np.arange(5.0))
+    with pytest.raises(DataError, match="no distillation target"):
+        blend_with_target(ratings, target.iloc[1:])
