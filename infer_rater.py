@@ -7,6 +7,8 @@
 --ckpt is a run dir (its latest checkpoint) or a checkpoint file. Writes the ratings (input
 columns + score, official_score, rank; best first) in the format of --out's extension, skipped
 rows to <out stem>.skipped.csv, and finished shards to <out>.shards/ (a rerun resumes from them).
+--target <run>/distill_target.parquet ranks a run's own training pairs by the rater and the target it
+was fitted to together, as `make demo` does (alchemist/target_blend.py).
 --engine ray (alchemist/scoring_ray.py): each input shard is one unit of work for an actor (one per
 GPU, or per CPU but one) of a Ray cluster (RAY_ADDRESS, else a local one); same score, no
 official_score, the ratings file in shard order with exact ranks. Needs ray[data] (make env has it).
@@ -18,9 +20,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from accelerate import PartialState
 
 from alchemist.cli import ArgumentParser, user_errors
 from alchemist.scoring import DEFAULT_SHARD_ROWS, rate_file
+from alchemist.target_blend import blend_file
 
 
 @user_errors
@@ -37,8 +43,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch: this process / torchrun ranks (default); ray: a Ray Data actor pool")
     ap.add_argument("--actors", type=int, help="--engine ray: actors in the pool (default: one per GPU, "
                     "else one per CPU but one)")
+    ap.add_argument("--target", help="the rater run's distill_target.parquet, when --csv is that run's own "
+                    "training pairs: rank them by the rater and its distillation target together "
+                    "(alchemist/target_blend.py; the rater's score is kept as rater_score)")
     ap.add_argument("--no-progress", action="store_true")
     args, overrides = ap.parse_known_args(argv)
+    if args.target and not Path(args.target).is_file():  # before the scoring, not after it
+        raise FileNotFoundError(f"--target {args.target!r} does not exist; a rater run with the distillation "
+                                "stage writes <run>/distill_target.parquet")
     overrides += [f"--{k}={v}" for k, v in (("num_workers", args.num_workers), ("cache_dir", args.cache_dir))
                   if v is not None]
     if args.engine == "ray":
@@ -49,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rate_file(args.ckpt, args.csv, args.out, overrides, batch_size=args.bs, shard_rows=args.shard_rows,
                   progress=not args.no_progress)
+    if args.target and PartialState().is_main_process:
+        blend_file(args.out, args.target)
     return 0
 
 

@@ -10,26 +10,40 @@ scores, are unchanged; only the order moves. The rater's score stays in ``rater_
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from alchemist.data.pairs import DataError
-from alchemist.ratings import rank_scores
+from alchemist.ratings import rank_scores, read_ratings, write_ratings
 
 
 def blend_with_target(ratings: pd.DataFrame, target: pd.DataFrame) -> pd.DataFrame:
-    """``ratings`` (id, score, ...) re-ordered by the mean of the percentile ranks of ``score`` and of
-    ``target`` (id, target); ties by the rater's score, then id. Returns a ranked ratings table."""
+    """``ratings`` (id, score, ...) re-ordered by the mean of the percentile ranks of the rater's score
+    and of ``target`` (id, target); ties by the rater's score, then id. Returns a ranked ratings table.
+    Idempotent: a table blended before keeps its ``rater_score``, which is what is blended again."""
     ids = ratings["id"].astype(str)
     by_id = target.assign(id=target["id"].astype(str)).set_index("id")["target"]
     missing = ~ids.isin(by_id.index)
     if missing.any():
         raise DataError(f"{int(missing.sum())} rated ids have no distillation target (first: "
                         f"{ids[missing].iloc[0]!r}); it covers only the training pairs of the run that wrote it")
-    rater = pd.to_numeric(ratings["score"]).to_numpy(np.float64)
+    rater = pd.to_numeric(ratings["rater_score" if "rater_score" in ratings else "score"]).to_numpy(np.float64)
     tgt = by_id.reindex(ids).to_numpy(np.float64)
     blend = (pd.Series(rater).rank(pct=True) + pd.Series(tgt).rank(pct=True)).to_numpy() / 2
     order = np.lexsort((ids.to_numpy(), -rater, -blend))  # best first
     score = np.empty_like(rater)
     score[order] = np.sort(rater)[::-1]
     return rank_scores(ratings.assign(rater_score=rater, score=score))
+
+
+def blend_file(ratings_path: str | Path, target_path: str | Path, out_path: str | Path | None = None) -> Path:
+    """The ratings file at ``ratings_path`` blended with a run's ``distill_target.parquet``, written to
+    ``out_path`` (default: in place)."""
+    target_path = Path(target_path)
+    if not target_path.is_file():
+        raise FileNotFoundError(f"distillation target {str(target_path)!r} does not exist; it is written by a "
+                                "rater run with the distillation stage (<run>/distill_target.parquet)")
+    blended = blend_with_target(read_ratings(ratings_path), pd.read_parquet(target_path, columns=["id", "target"]))
+    return write_ratings(blended, out_path or ratings_path)

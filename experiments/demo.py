@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from alchemist.bilevel.distill import TARGET_FILE
 from alchemist.bilevel.launch import train_rater
 from alchemist.config import RaterConfig, T2IConfig, load_config
 from alchemist.evaluation.samples import sample_grid
@@ -25,6 +26,7 @@ from alchemist.plots import plot_rank_bands, plot_selection
 from alchemist.ratings import read_ratings, write_ratings
 from alchemist.scoring import rate_file, shards_dir
 from alchemist.selection import junk_ceiling, junk_share, prune_table, resolve_params
+from alchemist.target_blend import blend_file, blend_with_target
 from alchemist.tokenizer_training import train_tokenizer_for, use_bundled_tokenizer
 from alchemist.utils.checkpoint import latest_checkpoint
 from alchemist.utils.errors import UserError
@@ -100,7 +102,12 @@ def run_demo(out: str | Path = "runs/demo", n_train: int = 2000, n_val: int = 50
     done(t)
 
     t = stage("4. scoring the training set and the validation set (the trusted reference)")
-    ratings = read_ratings(rated(cfg.output.run_dir, data / "train.csv", out / "ratings.parquet", out))
+    ratings_path = rated(cfg.output.run_dir, data / "train.csv", out / "ratings.parquet", out)
+    ratings = read_ratings(ratings_path)
+    target = cfg.output.run_dir / TARGET_FILE
+    if target.is_file() and "rater_score" not in ratings:  # the run's own pairs: blended with its target, once
+        print("ranked by the rater and its distillation target together (alchemist/target_blend.py)")
+        ratings = read_ratings(blend_file(ratings_path, target))
     reference = reference_scores(out, cfg.output.exp_name)
     done(t)
 
@@ -137,6 +144,16 @@ def rated(run_dir: Path, table: Path, path: Path, out: Path) -> Path:
         shutil.rmtree(shards_dir(path), ignore_errors=True)
         rate_file(run_dir, table, path, overrides=[f"--ckpt_path={out}"])
     return path
+
+
+def pipeline_ratings(out: Path, exp_name: str = "rater") -> pd.DataFrame:
+    """A run folder's ratings of its training pairs as the pipeline ranks them: blended with the rater
+    run's distillation target when it has one (as stage 4 writes them; a folder of an older run gets
+    the same ranking)."""
+    out = Path(out)
+    ratings = read_ratings(out / "ratings.parquet")
+    target = out / exp_name / TARGET_FILE
+    return blend_with_target(ratings, pd.read_parquet(target, columns=["id", "target"])) if target.is_file() else ratings
 
 
 def reference_scores(out: Path, exp_name: str = "rater") -> np.ndarray:

@@ -32,7 +32,7 @@ from alchemist.ratings import read_ratings
 from alchemist.runtime import make_stream, setup_runtime
 from alchemist.selection import prune_table
 from alchemist.utils.io import atomic_open
-from experiments.demo import demo_config, reference_scores
+from experiments.demo import demo_config, pipeline_ratings, reference_scores
 from experiments.types import KINDS
 
 ARMS = {"full": ("all", 1.0), "random_50": ("random", 0.5), "shift_gsample_50": ("shift_gsample", 0.5),
@@ -45,15 +45,15 @@ def subset_table(seed_dir: Path, arm: str, seed: int) -> pd.DataFrame:
     id order, as if ranked by id: their rows, and the order the loader shuffles them from, do not
     depend on the rater (a re-rated seed keeps its random and full runs)."""
     strategy, retention = ARMS[arm]
-    ratings = read_ratings(seed_dir / "ratings.parquet")
+    ratings = pipeline_ratings(seed_dir)
     if strategy in ("all", "random"):
         ratings = ratings.sort_values("id", kind="stable").reset_index(drop=True)
         ratings["rank"] = np.arange(len(ratings))
     if strategy == "all":
-        return ratings.drop(columns=["score", "rank", "official_score"], errors="ignore")
+        return ratings.drop(columns=["score", "rank", "official_score", "rater_score"], errors="ignore")
     reference = reference_scores(seed_dir) if strategy == "shift_gsample" else None
     return prune_table(ratings, strategy, retention, seed=seed, reference=reference).drop(
-        columns=["official_score"], errors="ignore")
+        columns=["official_score", "rater_score"], errors="ignore")
 
 
 @torch.no_grad()

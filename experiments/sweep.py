@@ -25,7 +25,7 @@ from alchemist.bilevel.distill import TARGET_FILE
 from alchemist.ratings import read_ratings
 from alchemist.selection import prune_table, select
 from alchemist.utils.io import atomic_open
-from experiments.demo import reference_scores
+from experiments.demo import pipeline_ratings, reference_scores
 from experiments.planted import kind_report
 from experiments.types import DEFECT_KINDS
 
@@ -54,7 +54,7 @@ def seed_report(d: Path, seed: int) -> pd.DataFrame:
     """Per defect kind of one seed's run: AUROC of clean against it, and the share of it the default
     Shift-Gsample 50 % subset (``run_demo``'s) keeps;
     with a distilled rater also the AUROC of the target it was fitted to (NaN without one)."""
-    ratings = read_ratings(d / "ratings.parquet")
+    ratings = pipeline_ratings(d)
     subset = prune_table(ratings, "shift_gsample", 0.5, seed=seed, reference=reference_scores(d))
     defects = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False)
     train = defects[defects["split"] == "train"]
@@ -81,7 +81,7 @@ STRATEGIES = {"Shift-Gsample (default)": ("shift_gsample", {}, True),
 
 def strategy_keeps(d: Path, seed: int, retention: float = 0.5) -> pd.DataFrame:
     """Share of each kind (rows) that each strategy (columns) keeps from one seed's ratings."""
-    ratings = read_ratings(d / "ratings.parquet")
+    ratings = pipeline_ratings(d)
     defects = pd.read_csv(d / "data/defects.csv", dtype={"id": str}, keep_default_na=False)
     kind = ratings["id"].astype(str).map(defects.set_index("id")["kind"])
     out, reference = {}, reference_scores(d)

@@ -17,6 +17,8 @@ from alchemist.cli import error_line
 from alchemist.config import RaterConfig, config_to_dict, load_config
 from alchemist.models.text import default_text_encoder_path
 from alchemist.models.vqvae import VQVAE
+from alchemist.ratings import read_ratings
+from alchemist.target_blend import blend_with_target
 from alchemist.utils.errors import UserError
 from experiments.demo_data import DemoSpec, generate_demo
 
@@ -200,6 +202,23 @@ def test_a_read_only_output_location_is_one_line_before_the_work(env):
         assert lines[0].startswith(f"error: cannot write to {where!r}") and "permission denied" in lines[0].lower()
         assert proc.stdout == ""  # nothing was done first
     assert list(ro.iterdir()) == []
+
+
+def test_infer_rater_target_ranks_the_runs_own_pairs_by_rater_and_target(env, tmp_path):
+    root = env["root"]
+    rate = ["infer_rater.py", "--ckpt", str(root / "rater"), "--csv", str(root / "data/train.csv"), "--no-progress"]
+    missing = _run([*rate, "--out", str(tmp_path / "x.parquet"), "--target", str(tmp_path / "none.parquet")])
+    assert missing.returncode == 2 and "--target" in missing.stderr and not (tmp_path / "x.parquet").exists()
+    assert _run([*rate, "--out", str(tmp_path / "plain.parquet")]).returncode == 0
+    plain = read_ratings(tmp_path / "plain.parquet")
+    rng = np.random.default_rng(0)
+    target = pd.DataFrame({"id": plain["id"], "target": rng.normal(size=len(plain))})
+    target.to_parquet(tmp_path / "target.parquet")
+    proc = _run([*rate, "--out", str(tmp_path / "blend.parquet"), "--target", str(tmp_path / "target.parquet")])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got, want = read_ratings(tmp_path / "blend.parquet"), blend_with_target(plain, target)
+    assert got["id"].tolist() == want["id"].tolist() != plain["id"].tolist()
+    assert np.array_equal(got["score"], plain["score"]) and np.array_equal(got["rater_score"], want["rater_score"])
 
 
 @pytest.mark.parametrize("args", [

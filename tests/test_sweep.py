@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from alchemist.ratings import read_ratings
+from alchemist.target_blend import blend_with_target
 from alchemist.selection import prune_table
 from experiments.digits_data import WORDS, DigitsSpec, generate_digits
 from experiments.planted import auroc
@@ -97,6 +98,9 @@ def test_sweep_report_matches_a_recomputation_from_each_seeds_ratings(swept):
         r = r.assign(kind=r["id"].astype(str).map(truth))
         clean = r.loc[r["kind"] == "clean", "score"]
         taught = pd.read_parquet(d / "rater/distill_target.parquet")  # what the distilled rater was fitted to
+        blended = read_ratings(d / "ratings.parquet")  # stage 4 ranks the run's own pairs with its target too
+        raw = blended.assign(score=blended["rater_score"]).drop(columns="rater_score")
+        assert blend_with_target(raw, taught)["id"].tolist() == blended["id"].tolist()
         taught = taught.assign(kind=taught["id"].map(truth))
         for kind in ("plain", "noise", "misaligned", "duplicate", "blurred"):
             part = r[r["kind"] == kind]

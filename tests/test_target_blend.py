@@ -30,6 +30,8 @@ def test_order_is_the_mean_percentile_rank_and_the_scores_are_the_raters():
     assert out["caption"].eq("c").all()
     ref = rng.normal(size=100)
     assert junk_ceiling(out["score"].to_numpy(), ref) == junk_ceiling(rater, ref)
+    again = blend_with_target(out, tables(rater, target)[1])  # blending a blended table changes nothing
+    assert again["id"].tolist() == out["id"].tolist() and np.array_equal(again["score"], out["score"])
 
 
 def test_a_target_in_the_raters_order_changes_nothing_and_ties_fall_to_the_rater():
