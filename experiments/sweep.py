@@ -110,8 +110,9 @@ def format_keeps(keeps: pd.DataFrame) -> str:
 
 def format_summary(bench: str, table: pd.DataFrame, per_seed: pd.DataFrame) -> str:
     seeds = sorted(per_seed["seed"].unique())
-    lines = [f"{bench}: {len(seeds)} seeds ({', '.join(map(str, seeds))}); AUROC clean > kind and the share of "
-             "the kind the Shift-Gsample 50 % subset kept, mean ± std over seeds", "",
+    lines = [f"{bench}: {len(seeds)} seeds ({', '.join(map(str, seeds))}); AUROC clean > kind (of the pipeline's "
+             "ranking: the rater's, blended with its distillation target when it has one) and the share of the kind "
+             "the Shift-Gsample 50 % subset kept, mean ± std over seeds", "",
              "| kind | AUROC | kept by Shift-Gsample 50 % | AUROC per seed | AUROC of the distillation target |",
              "|---|---|---|---|---|"]
     for kind, r in table.iterrows():
