@@ -38,12 +38,11 @@ def blend_with_target(ratings: pd.DataFrame, target: pd.DataFrame) -> pd.DataFra
     return rank_scores(ratings.assign(rater_score=rater, score=score))
 
 
-def blend_file(ratings_path: str | Path, target_path: str | Path, out_path: str | Path | None = None) -> Path:
-    """The ratings file at ``ratings_path`` blended with a run's ``distill_target.parquet``, written to
-    ``out_path`` (default: in place)."""
+def blend_file(ratings_path: str | Path, target_path: str | Path) -> Path:
+    """The ratings file at ``ratings_path`` blended, in place, with a run's ``distill_target.parquet``."""
     target_path = Path(target_path)
     if not target_path.is_file():
         raise FileNotFoundError(f"distillation target {str(target_path)!r} does not exist; it is written by a "
                                 "rater run with the distillation stage (<run>/distill_target.parquet)")
     blended = blend_with_target(read_ratings(ratings_path), pd.read_parquet(target_path, columns=["id", "target"]))
-    return write_ratings(blended, out_path or ratings_path)
+    return write_ratings(blended, ratings_path)

@@ -26,7 +26,7 @@ from alchemist.plots import plot_rank_bands, plot_selection
 from alchemist.ratings import read_ratings, write_ratings
 from alchemist.scoring import rate_file, shards_dir
 from alchemist.selection import junk_ceiling, junk_share, prune_table, resolve_params
-from alchemist.target_blend import blend_file, blend_with_target
+from alchemist.target_blend import blend_with_target
 from alchemist.tokenizer_training import train_tokenizer_for, use_bundled_tokenizer
 from alchemist.utils.checkpoint import latest_checkpoint
 from alchemist.utils.errors import UserError
@@ -103,11 +103,10 @@ def run_demo(out: str | Path = "runs/demo", n_train: int = 2000, n_val: int = 50
 
     t = stage("4. scoring the training set and the validation set (the trusted reference)")
     ratings_path = rated(cfg.output.run_dir, data / "train.csv", out / "ratings.parquet", out)
-    ratings = read_ratings(ratings_path)
-    target = cfg.output.run_dir / TARGET_FILE
-    if target.is_file() and "rater_score" not in ratings:  # the run's own pairs: blended with its target, once
+    ratings = pipeline_ratings(out, cfg.output.exp_name)
+    if "rater_score" in ratings:  # the file holds the ranking everything after this stage reads
         print("ranked by the rater and its distillation target together (alchemist/target_blend.py)")
-        ratings = read_ratings(blend_file(ratings_path, target))
+        write_ratings(ratings, ratings_path)
     reference = reference_scores(out, cfg.output.exp_name)
     done(t)
 
