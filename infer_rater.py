@@ -26,7 +26,7 @@ from accelerate import PartialState
 
 from alchemist.cli import ArgumentParser, user_errors
 from alchemist.scoring import DEFAULT_SHARD_ROWS, rate_file
-from alchemist.target_blend import blend_file
+from alchemist.target_blend import TARGET_WEIGHT, blend_file
 
 
 @user_errors
@@ -46,8 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", help="the rater run's distill_target.parquet, when --csv is that run's own "
                     "training pairs: rank them by the rater and its distillation target together "
                     "(alchemist/target_blend.py; the rater's score is kept as rater_score)")
+    ap.add_argument("--target-weight", type=float, default=TARGET_WEIGHT,
+                    help="--target: the target's share of the blend, in [0, 1] (default %(default)s)")
     ap.add_argument("--no-progress", action="store_true")
     args, overrides = ap.parse_known_args(argv)
+    if not 0.0 <= args.target_weight <= 1.0:
+        ap.error(f"--target-weight must lie in [0, 1], got {args.target_weight}")
     if args.target and not Path(args.target).is_file():  # before the scoring, not after it
         raise FileNotFoundError(f"--target {args.target!r} does not exist; a rater run with the distillation "
                                 "stage writes <run>/distill_target.parquet")
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         rate_file(args.ckpt, args.csv, args.out, overrides, batch_size=args.bs, shard_rows=args.shard_rows,
                   progress=not args.no_progress)
     if args.target and PartialState().is_main_process:
-        blend_file(args.out, args.target)
+        blend_file(args.out, args.target, args.target_weight)
     return 0
 
 

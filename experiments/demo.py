@@ -26,7 +26,7 @@ from alchemist.plots import plot_rank_bands, plot_selection
 from alchemist.ratings import read_ratings, write_ratings
 from alchemist.scoring import rate_file, shards_dir
 from alchemist.selection import junk_ceiling, junk_share, prune_table, resolve_params
-from alchemist.target_blend import blend_with_target
+from alchemist.target_blend import TARGET_WEIGHT, blend_with_target
 from alchemist.tokenizer_training import train_tokenizer_for, use_bundled_tokenizer
 from alchemist.utils.checkpoint import latest_checkpoint
 from alchemist.utils.errors import UserError
@@ -145,14 +145,16 @@ def rated(run_dir: Path, table: Path, path: Path, out: Path) -> Path:
     return path
 
 
-def pipeline_ratings(out: Path, exp_name: str = "rater") -> pd.DataFrame:
+def pipeline_ratings(out: Path, exp_name: str = "rater", weight: float = TARGET_WEIGHT) -> pd.DataFrame:
     """A run folder's ratings of its training pairs as the pipeline ranks them: blended with the rater
     run's distillation target when it has one (as stage 4 writes them; a folder of an older run gets
     the same ranking)."""
     out = Path(out)
     ratings = read_ratings(out / "ratings.parquet")
     target = out / exp_name / TARGET_FILE
-    return blend_with_target(ratings, pd.read_parquet(target, columns=["id", "target"])) if target.is_file() else ratings
+    if not target.is_file():
+        return ratings
+    return blend_with_target(ratings, pd.read_parquet(target, columns=["id", "target"]), weight)
 
 
 def reference_scores(out: Path, exp_name: str = "rater") -> np.ndarray:

@@ -34,6 +34,22 @@ def test_order_is_the_mean_percentile_rank_and_the_scores_are_the_raters():
     assert again["id"].tolist() == out["id"].tolist() and np.array_equal(again["score"], out["score"])
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.25, 0.75, 1.0])
+def test_the_weight_is_the_targets_share_of_the_mean(weight):
+    rng = np.random.default_rng(2)
+    rater, target = rng.normal(size=50), rng.integers(0, 8, size=50).astype(float)  # a target with ties
+    out = blend_with_target(*tables(rater, target), weight=weight)
+    pct = lambda x: np.array([(np.sum(x < v) + (np.sum(x == v) + 1) / 2) / len(x) for v in x])
+    mean = (1 - weight) * pct(rater) + weight * pct(target)
+    want = sorted(range(50), key=lambda i: (-round(mean[i], 12), -rater[i], f"p{i:03d}"))
+    assert out["id"].tolist() == [f"p{i:03d}" for i in want]
+    if weight == 0.0:  # the rater's own order
+        assert out["id"].tolist() == [f"p{i:03d}" for i in np.argsort(-rater, kind="stable")]
+    assert np.array_equal(out["score"].to_numpy(), np.sort(rater)[::-1])
+    with pytest.raises(ValueError, match="weight"):
+        blend_with_target(*tables(rater, target), weight=1.5)
+
+
 def test_a_target_in_the_raters_order_changes_nothing_and_ties_fall_to_the_rater():
     rater = np.array([0.3, 2.0, -1.0, 0.5, 1.1])
     out = blend_with_target(*tables(rater, 10 * rater + 1))
