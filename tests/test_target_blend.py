@@ -6,7 +6,7 @@ import pytest
 
 from alchemist.data.pairs import DataError
 from alchemist.selection import junk_ceiling
-from alchemist.target_blend import blend_with_target
+from alchemist.target_blend import TARGET_WEIGHT, blend_with_target
 from experiments.planted import auroc
 
 
@@ -16,12 +16,12 @@ def tables(rater, target, ids=None):
             pd.DataFrame({"id": ids[::-1], "target": np.asarray(target)[::-1]}))  # another row order
 
 
-def test_order_is_the_mean_percentile_rank_and_the_scores_are_the_raters():
+def test_order_is_the_weighted_mean_percentile_rank_and_the_scores_are_the_raters():
     rng = np.random.default_rng(0)
     rater, target = rng.normal(size=40), rng.normal(size=40)
     out = blend_with_target(*tables(rater, target))
     pct = lambda x: np.array([(np.sum(x < v) + (np.sum(x == v) + 1) / 2) / len(x) for v in x])  # average ties
-    mean = (pct(rater) + pct(target)) / 2
+    mean = (1 - TARGET_WEIGHT) * pct(rater) + TARGET_WEIGHT * pct(target)
     want = sorted(range(40), key=lambda i: (-mean[i], -rater[i], f"p{i:03d}"))
     assert out["id"].tolist() == [f"p{i:03d}" for i in want]
     assert out["rank"].tolist() == list(range(40))
@@ -66,11 +66,16 @@ def test_each_signal_keeps_the_defect_it_finds():
     kind = np.repeat(["clean", "a", "b"], [400, 100, 100])
     rater = rng.normal(size=n) - 3 * (kind == "a")
     target = rng.normal(size=n) - 3 * (kind == "b")
-    out = blend_with_target(*tables(rater, target))
     k = dict(zip([f"p{i:03d}" for i in range(n)], kind))
-    s = out.assign(kind=out["id"].map(k))
-    got = {x: auroc(s.loc[s.kind == "clean", "score"], s.loc[s.kind == x, "score"]) for x in ("a", "b")}
-    assert got["a"] > 0.8 and got["b"] > 0.8  # each alone: about 0.5 on the kind the other finds
+
+    def found(weight):
+        out = blend_with_target(*tables(rater, target), weight=weight)
+        s = out.assign(kind=out["id"].map(k))
+        return {x: auroc(s.loc[s.kind == "clean", "score"], s.loc[s.kind == x, "score"]) for x in ("a", "b")}
+
+    even, leaning = found(0.5), found(0.75)
+    assert even["a"] > 0.8 and even["b"] > 0.8  # each alone: about 0.5 on the kind the other finds
+    assert leaning["b"] > even["b"] and 0.6 < leaning["a"] < even["a"]  # more weight: more of the target's kind
     assert max(auroc(rater[kind == "clean"], rater[kind == "b"]), auroc(target[kind == "clean"], target[kind == "a"])) < 0.6
 
 
