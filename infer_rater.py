@@ -24,7 +24,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from alchemist.cli import ArgumentParser, user_errors
+from alchemist.cli import ArgumentParser, unit_fraction, user_errors
 from alchemist.scoring import DEFAULT_SHARD_ROWS, rate_file
 from alchemist.target_blend import TARGET_WEIGHT, blend_file
 
@@ -46,12 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", help="the rater run's distill_target.parquet, when --csv is that run's own "
                     "training pairs: rank them by the rater and its distillation target together "
                     "(alchemist/target_blend.py; the rater's score is kept as rater_score)")
-    ap.add_argument("--target-weight", type=float, default=TARGET_WEIGHT,
+    ap.add_argument("--target-weight", type=unit_fraction, default=TARGET_WEIGHT,
                     help="--target: the target's share of the blend, in [0, 1] (default %(default)s)")
     ap.add_argument("--no-progress", action="store_true")
     args, overrides = ap.parse_known_args(argv)
-    if not 0.0 <= args.target_weight <= 1.0:
-        ap.error(f"--target-weight must lie in [0, 1], got {args.target_weight}")
     if args.target and not Path(args.target).is_file():  # before the scoring, not after it
         raise FileNotFoundError(f"--target {args.target!r} does not exist; a rater run with the distillation "
                                 "stage writes <run>/distill_target.parquet")

@@ -50,6 +50,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def unit_fraction(text: str) -> float:
+    """An argparse type for a share in [0, 1] (a weight, not a retention: no % form)."""
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {value}")
+    return value
+
+
 def error_line(e: BaseException) -> str | None:
     """The one line a user error prints, or None when ``e`` is not one."""
     if isinstance(e, UserError):

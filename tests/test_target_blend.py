@@ -16,11 +16,15 @@ def tables(rater, target, ids=None):
             pd.DataFrame({"id": ids[::-1], "target": np.asarray(target)[::-1]}))  # another row order
 
 
+def pct(x):
+    """Brute-force percentile ranks, ties averaged (pandas' ``rank(pct=True)``)."""
+    return np.array([(np.sum(x < v) + (np.sum(x == v) + 1) / 2) / len(x) for v in x])
+
+
 def test_order_is_the_weighted_mean_percentile_rank_and_the_scores_are_the_raters():
     rng = np.random.default_rng(0)
     rater, target = rng.normal(size=40), rng.normal(size=40)
     out = blend_with_target(*tables(rater, target))
-    pct = lambda x: np.array([(np.sum(x < v) + (np.sum(x == v) + 1) / 2) / len(x) for v in x])  # average ties
     mean = (1 - TARGET_WEIGHT) * pct(rater) + TARGET_WEIGHT * pct(target)
     want = sorted(range(40), key=lambda i: (-mean[i], -rater[i], f"p{i:03d}"))
     assert out["id"].tolist() == [f"p{i:03d}" for i in want]
@@ -39,7 +43,6 @@ def test_the_weight_is_the_targets_share_of_the_mean(weight):
     rng = np.random.default_rng(2)
     rater, target = rng.normal(size=50), rng.integers(0, 8, size=50).astype(float)  # a target with ties
     out = blend_with_target(*tables(rater, target), weight=weight)
-    pct = lambda x: np.array([(np.sum(x < v) + (np.sum(x == v) + 1) / 2) / len(x) for v in x])
     mean = (1 - weight) * pct(rater) + weight * pct(target)
     want = sorted(range(50), key=lambda i: (-round(mean[i], 12), -rater[i], f"p{i:03d}"))
     assert out["id"].tolist() == [f"p{i:03d}" for i in want]
